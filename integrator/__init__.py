@@ -1,0 +1,1 @@
+"""Device Integrator (device-facing endpoints, pipeline) and Cloud Integrator (forwarders)."""

@@ -1,0 +1,1 @@
+"""Device-facing endpoints: each knows its wire format and the pipeline, nothing else."""

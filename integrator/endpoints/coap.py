@@ -1,0 +1,257 @@
+"""CoAP ingest endpoint (:5683), as 1NCE devices expect it (spec section 1.4).
+
+POST on `/`, `/data` or no Uri-Path; CON (piggy-backed ACK) and NON (NON response); any
+token; `t=` Uri-Query topic; 2.04 once the message is durably stored; 4.01 for unknown or
+disabled SIMs; 4.00 for a bad topic; 4.04 for GET or unknown paths; duplicates of (peer,
+MID) within EXCHANGE_LIFETIME get the same reply without being stored twice; malformed
+datagrams are dropped silently and counted. Knows only the wire format and the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from integrator import coap
+from integrator.endpoints.datagram import DatagramServer, bind_udp
+from integrator.pipeline import Ack, Pipeline
+from simwire.clock import Clock
+from simwire.logs import RateLimitedLogger
+from simwire.metrics import Metrics
+from simwire.model import Protocol, RawUplink
+
+log = logging.getLogger("simwire.integrator.coap")
+
+EXCHANGE_LIFETIME_S = 247.0
+TOPIC_RE = re.compile(r"[A-Za-z0-9_/]{1,253}")
+INGEST_PATHS = ((), ("",), ("data",))
+# Options this endpoint understands; any other critical (odd) option -> 4.02.
+KNOWN_OPTIONS = frozenset({
+    coap.OPT_URI_HOST, coap.OPT_URI_PORT, coap.OPT_URI_PATH, coap.OPT_CONTENT_FORMAT,
+    coap.OPT_URI_QUERY, coap.OPT_ACCEPT, coap.OPT_SIZE1, coap.OPT_NO_RESPONSE,
+})
+_ACK_CODES = {
+    Ack.STORED: coap.CHANGED,
+    Ack.UNAUTHORIZED: coap.UNAUTHORIZED,
+    Ack.FAILED: coap.INTERNAL_SERVER_ERROR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CoapConfig:
+    max_payload: int = 1500
+    """Larger payloads get 4.13 (1NCE documents 1024 B as the safe size)."""
+    max_inflight: int = 10_000
+    """Requests in the pipeline at once; beyond, new requests are dropped (CON retransmits)."""
+    dedup_max_entries: int = 500_000
+    """Bound on remembered (peer, MID) exchanges; the oldest are forgotten first."""
+    rcvbuf: int = 4 * 1024 * 1024
+
+
+class Reply:
+    """A request's outcome: what to send, or a marker while the pipeline still works."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+
+
+class DedupCache:
+    """(peer, MID) -> reply for EXCHANGE_LIFETIME; insertion order is expiry order."""
+
+    def __init__(self, clock: Clock, lifetime_s: float, max_entries: int) -> None:
+        self._clock = clock
+        self._lifetime = lifetime_s
+        self._max = max_entries
+        self._entries: dict[tuple[str, int, int], Reply] = {}
+        self._order: deque[tuple[float, tuple[str, int, int]]] = deque()
+
+    def get(self, key: tuple[str, int, int]) -> Reply | None:
+        self._expire()
+        return self._entries.get(key)
+
+    def put(self, key: tuple[str, int, int]) -> Reply:
+        reply = Reply(None)
+        self._entries[key] = reply
+        self._order.append((self._clock.monotonic() + self._lifetime, key))
+        if len(self._order) > self._max:
+            _, old = self._order.popleft()
+            self._entries.pop(old, None)
+        return reply
+
+    def _expire(self) -> None:
+        now = self._clock.monotonic()
+        order = self._order
+        while order and order[0][0] <= now:
+            _, key = order.popleft()
+            self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class CoapServerProtocol(asyncio.DatagramProtocol):
+    def __init__(
+        self, pipeline: Pipeline, clock: Clock, metrics: Metrics, config: CoapConfig,
+        protocol: Protocol = Protocol.COAP,
+        routes: dict[tuple[str, ...], Callable[[coap.Message, tuple[str, int]], bytes | None]]
+        | None = None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._clock = clock
+        self._metrics = metrics
+        self._config = config
+        self._protocol = protocol
+        self._routes = routes or {}
+        self._dedup = DedupCache(clock, EXCHANGE_LIFETIME_S, config.dedup_max_entries)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._mid = int.from_bytes(os.urandom(2), "big")
+        self._warn = RateLimitedLogger(log)
+        c = metrics.uplinks
+        p = protocol.value
+        self._count_malformed = c.labels(p, "malformed").inc
+        self._count_duplicate = c.labels(p, "duplicate").inc
+        self._count_bad = c.labels(p, "bad_request").inc
+        self._count_overloaded = c.labels(p, "overloaded").inc
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # a datagram transport
+
+    def error_received(self, exc: Exception) -> None:
+        self._warn.warning("socket", "CoAP socket error: %s", exc)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            msg = coap.parse(data)
+        except coap.MalformedMessage as exc:
+            self._count_malformed()
+            self._warn.warning(f"malformed:{addr[0]}", "malformed CoAP datagram from %s: %s",
+                               addr[0], exc)
+            return
+        if not msg.is_request:
+            if msg.code == coap.EMPTY and msg.mtype == coap.CON:  # CoAP ping
+                self._send(coap.serialize(coap.Message(coap.RST, coap.EMPTY, msg.mid)), addr)
+            return  # ACK/RST/responses: nothing outstanding on this socket
+        if msg.mtype not in (coap.CON, coap.NON):
+            self._count_malformed()
+            return
+        key = (addr[0], addr[1], msg.mid)
+        seen = self._dedup.get(key)
+        if seen is not None:
+            self._count_duplicate()
+            if seen.data is not None:
+                self._send(seen.data, addr)
+            return  # still in the pipeline: the reply follows
+        self._handle(msg, addr, key)
+
+    def _handle(self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int]) -> None:
+        path: list[str] = []
+        query: list[str] = []
+        for number, value in msg.options:
+            if number == coap.OPT_URI_PATH:
+                path.append(value.decode("utf-8", "replace"))
+            elif number == coap.OPT_URI_QUERY:
+                query.append(value.decode("utf-8", "replace"))
+            elif number & 1 and number not in KNOWN_OPTIONS:
+                self._count_bad()
+                self._finish(msg, addr, key, coap.BAD_OPTION, f"unsupported option {number}")
+                return
+        route = tuple(path)
+        if route not in INGEST_PATHS:
+            handler = self._routes.get(route)
+            if handler is not None:
+                reply = handler(msg, addr)
+                if reply is not None:
+                    self._dedup.put(key).data = reply
+                    self._send(reply, addr)
+                return
+            self._finish(msg, addr, key, coap.NOT_FOUND, "Not Found")
+            return
+        if msg.code != coap.POST:
+            code = coap.NOT_FOUND if msg.code == coap.GET else coap.METHOD_NOT_ALLOWED
+            self._finish(msg, addr, key, code, "Not Found" if code == coap.NOT_FOUND else "")
+            return
+        topic = None
+        for q in query:
+            if q.startswith("t="):
+                topic = q[2:]
+                break
+        if topic is not None and (not TOPIC_RE.fullmatch(topic) or "//" in topic):
+            self._count_bad()
+            self._finish(msg, addr, key, coap.BAD_REQUEST, "invalid topic")
+            return
+        if len(msg.payload) > self._config.max_payload:
+            self._count_bad()
+            self._finish(msg, addr, key, coap.REQUEST_ENTITY_TOO_LARGE, "",
+                         [(coap.OPT_SIZE1, coap.uint_option(self._config.max_payload))])
+            return
+        if len(self._tasks) >= self._config.max_inflight:
+            self._count_overloaded()
+            return  # no dedup entry: the device's retransmission is a fresh attempt
+        pending = self._dedup.put(key)
+        raw = RawUplink(self._protocol, addr[0], addr[1], msg.payload, self._clock.now_ms(), topic)
+        task = asyncio.create_task(self._ingest(raw, msg, addr, pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ingest(
+        self, raw: RawUplink, msg: coap.Message, addr: tuple[str, int], reply: Reply
+    ) -> None:
+        try:
+            ack = await self._pipeline.handle_uplink(raw)
+        except Exception:
+            log.exception("pipeline failed for %s", addr[0])
+            ack = Ack.FAILED
+        data = self._response(msg, _ACK_CODES[ack], b"")
+        reply.data = data
+        self._send(data, addr)
+
+    def _finish(
+        self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int], code: int,
+        diagnostic: str, options: list[tuple[int, bytes]] | None = None,
+    ) -> None:
+        data = self._response(msg, code, diagnostic.encode(), options)
+        self._dedup.put(key).data = data
+        self._send(data, addr)
+
+    def _response(
+        self, req: coap.Message, code: int, payload: bytes,
+        options: list[tuple[int, bytes]] | None = None,
+    ) -> bytes:
+        if req.mtype == coap.CON:
+            mtype, mid = coap.ACK, req.mid
+        else:
+            self._mid = (self._mid + 1) & 0xFFFF
+            mtype, mid = coap.NON, self._mid
+        return coap.serialize(coap.Message(mtype, code, mid, req.token, options or [], payload))
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._transport is not None:
+            self._transport.sendto(data, addr)
+
+    async def drain(self) -> None:
+        """Shutdown: let in-flight requests finish (they are being committed)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def serve(
+    host: str, port: int, pipeline: Pipeline, clock: Clock, metrics: Metrics,
+    config: CoapConfig | None = None,
+) -> DatagramServer:
+    """Start the CoAP endpoint; called by simwire.app."""
+    cfg = config or CoapConfig()
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: CoapServerProtocol(pipeline, clock, metrics, cfg),
+        sock=bind_udp(host, port, cfg.rcvbuf),
+    )
+    return DatagramServer(transport, proto)
+

@@ -1,0 +1,45 @@
+"""What the UDP-based endpoints share: socket set-up and the running-server handle."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Drainable(Protocol):
+    async def drain(self) -> None: ...
+
+
+@dataclass
+class DatagramServer:
+    """A bound UDP endpoint; `close()` stops receiving and drains in-flight uplinks."""
+
+    transport: asyncio.DatagramTransport
+    protocol: Drainable
+
+    @property
+    def port(self) -> int:
+        return int(self.transport.get_extra_info("sockname")[1])
+
+    async def close(self) -> None:
+        self.transport.close()
+        await self.protocol.drain()
+
+
+def bind_udp(host: str, port: int, rcvbuf: int, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking UDP socket with a large receive buffer (bursts of devices)."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    sock = socket.socket(info[0], socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind(info[4])
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,177 @@
+"""Composition root: the only module that imports every service.
+
+`Simwire.start()` opens the store, builds the pipeline, starts the device endpoints, the
+API and the background tasks, in that order, inside one AsyncExitStack; `stop()` unwinds it:
+stop accepting (endpoints close and drain in-flight uplinks) -> stop background tasks ->
+close the API -> close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from authenticator import api as sims_api
+from authenticator.lookup import SimLookup
+from authenticator.management import SimManagement
+from inspector import api as inspector_api
+from inspector.adminlog import AdminLogWriter
+from inspector.retention import Retention
+from integrator.endpoints import coap as coap_endpoint
+from integrator.endpoints import udp as udp_endpoint
+from integrator.pipeline import Pipeline
+from simwire.auth import TokenService
+from simwire.clock import Clock, SystemClock
+from simwire.config import Config
+from simwire.http import build_api
+from simwire.metrics import Metrics
+from simwire.ports import PassThroughTranslator, Store, Translator
+from simwire.storage import open_store
+
+log = logging.getLogger("simwire.app")
+
+
+@dataclass(frozen=True, slots=True)
+class BoundPorts:
+    udp: int
+    coap: int
+    http: int
+
+
+class Simwire:
+    """One running Simwire process (or, in tests, one in-process instance)."""
+
+    def __init__(
+        self, config: Config, clock: Clock | None = None, translator: Translator | None = None
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self._translator = translator or PassThroughTranslator()
+        self._stack = AsyncExitStack()
+        self.store: Store
+        self.pipeline: Pipeline
+        self.sims: SimManagement
+        self.retention: Retention
+        self.admin_logs: AdminLogWriter
+        self.ports: BoundPorts
+        self.generated_admin: tuple[str, str] | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        stack = self._stack
+        try:
+            self.store = await open_store(cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
+            stack.push_async_callback(self.store.close)
+
+            tokens = await TokenService.create(self.store, self.clock)
+            self.generated_admin = await tokens.ensure_admin(
+                os.environ.get("SIMWIRE_ADMIN_CLIENT_ID"),
+                os.environ.get("SIMWIRE_ADMIN_CLIENT_SECRET"),
+            )
+
+            lookup = SimLookup(self.store, self.clock, ttl_s=cfg.sim_cache_ttl_s)
+            self.sims = SimManagement(self.store, lookup, self.clock)
+            self.admin_logs = AdminLogWriter(self.store, self.clock, self.metrics)
+            self.admin_logs.start()
+            stack.push_async_callback(self.admin_logs.stop)
+            self.retention = Retention(
+                self.store, self.clock, self.metrics, cfg.retention_days, cfg.purge_interval_s
+            )
+            self.pipeline = Pipeline(
+                lookup, self.store, self.store, self._translator, self.admin_logs, self.clock,
+                self.metrics,
+            )
+
+            api = build_api(
+                tokens, self.metrics,
+                [
+                    sims_api.routes(self.sims),
+                    inspector_api.routes(self.store, self.store, self.store, self.store,
+                                         self.clock),
+                ],
+                self._health,
+            )
+            runner = web.AppRunner(api, access_log=None, handle_signals=False)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, cfg.http_host or cfg.host, cfg.http_port)
+            await site.start()
+            http_port = _bound_port(runner)
+
+            retention_task = asyncio.create_task(self.retention.run_forever(), name="retention")
+            stack.push_async_callback(_cancel, retention_task)
+
+            udp = await udp_endpoint.serve(
+                cfg.host, cfg.udp_port, self.pipeline, self.clock, self.metrics,
+                udp_endpoint.UdpConfig(max_payload=cfg.max_payload),
+            )
+            stack.push_async_callback(udp.close)
+            coap = await coap_endpoint.serve(
+                cfg.host, cfg.coap_port, self.pipeline, self.clock, self.metrics,
+                coap_endpoint.CoapConfig(max_payload=cfg.max_payload),
+            )
+            stack.push_async_callback(coap.close)
+            self.ports = BoundPorts(udp.port, coap.port, http_port)
+        except BaseException:
+            await stack.aclose()
+            raise
+        log.info(
+            "simwire listening: udp %s:%d coap %s:%d http %s:%d store %s",
+            cfg.host, self.ports.udp, cfg.host, self.ports.coap,
+            cfg.http_host or cfg.host, self.ports.http, self.store.name,
+        )
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+
+    async def _health(self) -> dict[str, Any]:
+        return {"status": "ok", "store": self.store.name}
+
+    async def __aenter__(self) -> Simwire:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    addr = runner.addresses[0]
+    return int(addr[1])
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def run(config: Config) -> None:
+    """`simwire serve`: run until SIGINT/SIGTERM, then shut down in order."""
+    app = Simwire(config)
+    await app.start()
+    if app.generated_admin is not None:
+        cid, secret = app.generated_admin
+        # Printed once, to the operator's terminal, never to the log.
+        print(f"Created the first admin API client. client_id={cid} client_secret={secret}\n"
+              "Store the secret now: it is not shown again.", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"simwire ready udp={app.ports.udp} coap={app.ports.coap} http={app.ports.http}",
+          flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await app.stop()

@@ -1,0 +1,129 @@
+"""`simwire` command line: `serve`, `sims import`. Entry point of the console script."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from simwire.config import Config, load_config
+from simwire.logs import setup_logging
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file (flat keys or a [simwire] table)")
+    p.add_argument("--data-dir", dest="data_dir", help="directory of the embedded SQLite store")
+    p.add_argument("--store", help="'sqlite' (default) or a mongodb:// URL")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simwire", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the device endpoints and the API")
+    _store_flags(serve)
+    serve.add_argument("--host", help="address to bind (default 0.0.0.0)")
+    serve.add_argument("--http-host", dest="http_host", help="API address if not --host")
+    serve.add_argument("--udp-port", dest="udp_port", type=int, help="default 4445")
+    serve.add_argument("--coap-port", dest="coap_port", type=int, help="default 5683")
+    serve.add_argument("--http-port", dest="http_port", type=int, help="default 8080")
+    serve.add_argument("--log-level", dest="log_level")
+    serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
+
+    sims = sub.add_parser("sims", help="SIM registry")
+    sims_sub = sims.add_subparsers(dest="sims_command", required=True)
+    imp = sims_sub.add_parser("import", help="import SIMs from a CSV file")
+    imp.add_argument("file", type=Path, help="CSV with header iccid,imsi,ip,imei,label,status")
+    _store_flags(imp)
+    return parser
+
+
+def _config(args: argparse.Namespace, names: tuple[str, ...]) -> Config:
+    flags: dict[str, Any] = {n: getattr(args, n, None) for n in names}
+    return load_config(args.config, flags=flags)
+
+
+class Progress:
+    """A one-line progress bar on a terminal, a line per 10 % otherwise."""
+
+    def __init__(self, out: Any = sys.stderr) -> None:
+        self._out = out
+        self._tty = bool(getattr(out, "isatty", lambda: False)())
+        self._last_decile = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._tty:
+            width = 30
+            filled = width * done // max(total, 1)
+            self._out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+            if done == total:
+                self._out.write("\n")
+        else:
+            decile = 10 * done // max(total, 1)
+            if decile != self._last_decile:
+                self._last_decile = decile
+                self._out.write(f"imported rows: {done}/{total}\n")
+        self._out.flush()
+
+
+async def _import(cfg: Config, path: Path, text: str) -> int:
+    from authenticator.lookup import SimLookup
+    from authenticator.management import SimManagement
+    from simwire.clock import SystemClock
+    from simwire.errors import SimwireError
+    from simwire.storage import open_store
+
+    store = await open_store(cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
+    try:
+        clock = SystemClock()
+        mgmt = SimManagement(store, SimLookup(store, clock), clock)
+        try:
+            report = await mgmt.import_csv(text, progress=Progress())
+        except SimwireError as exc:
+            print(f"error: {path}: {exc.errors[0]['message']}", file=sys.stderr)
+            return 2
+    finally:
+        await store.close()
+    for line, err in report.errors:
+        print(f"{path}:{line}: {err}", file=sys.stderr)
+    print(f"imported {report.imported} of {report.total} rows, {len(report.errors)} rejected")
+    return 0 if not report.errors else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            cfg = _config(args, ("data_dir", "store", "host", "http_host", "udp_port",
+                                 "coap_port", "http_port", "log_level", "log_format"))
+        else:
+            cfg = _config(args, ("data_dir", "store"))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_format)
+    if args.command == "serve":
+        from simwire.app import run
+
+        _run(run(cfg))
+        return 0
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    return int(_run(_import(cfg, args.file, text)))
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

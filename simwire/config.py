@@ -1,0 +1,91 @@
+"""Configuration: documented defaults < TOML file (`--config`) < environment < CLI flags.
+
+Environment variables are the upper-cased field names prefixed with `SIMWIRE_`
+(`SIMWIRE_UDP_PORT=4445`). Stores and clients are never config fields: simwire.app builds
+them from these values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "0.0.0.0"  # noqa: S104 - devices reach the endpoints from the operator network
+    """Address every endpoint binds to (device ports and the API)."""
+    http_host: str | None = None
+    """API address when it differs from `host` (e.g. 127.0.0.1 behind a reverse proxy)."""
+    udp_port: int = 4445
+    coap_port: int = 5683
+    http_port: int = 8080
+    data_dir: Path = Path("data")
+    """Where the embedded SQLite store lives (`simwire.db`)."""
+    store: str = "sqlite"
+    """`sqlite` or a MongoDB URL (`mongodb://host/simwire`)."""
+    sqlite_synchronous: str = "FULL"
+    """FULL: an ACKed message survives power loss; NORMAL: survives a process crash only."""
+    max_payload: int = 1500
+    """Largest UDP/CoAP payload accepted (bytes)."""
+    retention_days: int = 7
+    purge_interval_s: float = 600.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+    """`text` or `json` (one object per line)."""
+    sim_cache_ttl_s: float = 30.0
+    """How long a SIM lookup is cached; changes from another process show after this."""
+
+    def with_overrides(self, values: Mapping[str, Any]) -> Config:
+        return dataclasses.replace(self, **_coerce(values, "override"))
+
+
+_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, val in values.items():
+        if val is None:
+            continue
+        typ = _TYPES.get(key)
+        if typ is None:
+            raise ValueError(f"{source}: unknown setting {key!r}")
+        try:
+            if typ == "int":
+                out[key] = int(val)
+            elif typ == "float":
+                out[key] = float(val)
+            elif typ == "Path":
+                out[key] = Path(val)
+            else:
+                out[key] = str(val)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {key} must be {typ}, got {val!r}") from exc
+    return out
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration; raises ValueError with the offending source."""
+    cfg = Config()
+    if path is not None:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+        cfg = dataclasses.replace(cfg, **_coerce(data.get("simwire", data), str(path)))
+    env = os.environ if env is None else env
+    from_env = {
+        name: env[f"SIMWIRE_{name.upper()}"] for name in _TYPES if f"SIMWIRE_{name.upper()}" in env
+    }
+    cfg = dataclasses.replace(cfg, **_coerce(from_env, "environment"))
+    if flags:
+        cfg = dataclasses.replace(cfg, **_coerce(flags, "command line"))
+    return cfg

@@ -1,0 +1,286 @@
+"""Frozen value types shared by every service.
+
+Events follow the 1NCE event envelope 1.0.0 (spec section 4.1); `Event.to_envelope()` is the
+one place that renders it.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+ENVELOPE_VERSION = "1.0.0"
+ICCID_RE = re.compile(r"^[0-9]{19,20}$")
+IMSI_RE = re.compile(r"^[0-9]{15}$")
+IMEI_RE = re.compile(r"^[0-9]{14,16}$")
+DEFAULT_ORG = "default"
+
+
+class Protocol(enum.StrEnum):
+    """Device-facing protocols as named in the 1NCE API and events."""
+
+    UDP = "UDP"
+    COAP = "COAP"
+    LWM2M = "LWM2M"
+
+
+class SimStatus(enum.StrEnum):
+    ENABLED = "Enabled"
+    DISABLED = "Disabled"
+
+
+class EventType(enum.StrEnum):
+    TELEMETRY_DATA = "TELEMETRY_DATA"
+    LIFECYCLE = "LIFECYCLE"
+    ERROR = "ERROR"
+    GEOFENCE = "GEOFENCE"
+    LOCATION = "LOCATION"
+    TEST_MESSAGE = "TEST_MESSAGE"
+
+
+class LogType(enum.StrEnum):
+    """Admin-log `type` (spec section 5)."""
+
+    INTEGRATION = "INTEGRATION"
+    DEVICE = "DEVICE"
+    GENERAL = "GENERAL"
+    LOCATION = "LOCATION"
+    LIFECYCLE = "LIFECYCLE"
+
+
+class LogCategory(enum.StrEnum):
+    INFO = "info"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Sim:
+    """A SIM of the registry; its static private IP identifies the device."""
+
+    iccid: str
+    imsi: str
+    ip: str
+    imei: str | None = None
+    label: str | None = None
+    status: SimStatus = SimStatus.ENABLED
+    org: str = DEFAULT_ORG
+    created_ms: int = 0
+    updated_ms: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.status is SimStatus.ENABLED
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "iccid": self.iccid,
+            "imsi": self.imsi,
+            "ip": self.ip,
+            "imei": self.imei,
+            "label": self.label,
+            "status": self.status.value,
+            "createdAt": iso_ms(self.created_ms),
+            "updatedAt": iso_ms(self.updated_ms),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """Who sent an uplink, established once by the authenticator and carried along."""
+
+    iccid: str
+    imsi: str
+    ip: str
+    org: str = DEFAULT_ORG
+
+    def to_envelope(self) -> dict[str, str]:
+        return {"iccid": self.iccid, "imsi": self.imsi, "ip": self.ip}
+
+
+@dataclass(frozen=True, slots=True)
+class RawUplink:
+    """One device message as framed by an endpoint, before identification."""
+
+    protocol: Protocol
+    source_ip: str
+    source_port: int
+    payload: bytes
+    received_ms: int
+    topic: str | None = None
+    dtls_identity: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """Envelope payload: translated JSON, or raw bytes rendered as base64 STRING."""
+
+    raw: bytes
+    json_value: Any = None
+    translated: bool = False
+
+    def to_envelope(self, topic: str | None) -> dict[str, Any]:
+        out: dict[str, Any]
+        if self.translated:
+            out = {"type": "JSON", "value": self.json_value}
+        else:
+            out = {"type": "STRING", "value": b64(self.raw), "encoding": "base64"}
+        if topic is not None:
+            out["topic"] = topic
+        return out
+
+    def history_text(self) -> str:
+        """What the history API shows: stringified JSON, or base64 of the raw bytes."""
+        if self.translated:
+            return json.dumps(self.json_value, separators=(",", ":"), ensure_ascii=False)
+        return b64(self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of the stream (1NCE envelope 1.0.0) plus the columns stores index on."""
+
+    id: str
+    type: EventType
+    received_ms: int
+    org: str
+    device: DeviceIdentity | None = None
+    source: Protocol | None = None
+    topic: str | None = None
+    payload: Payload | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    """Type-specific part: `lifecycle`, `error`, `location`... merged into the envelope."""
+
+    def to_envelope(self) -> dict[str, Any]:
+        env: dict[str, Any] = {
+            "id": self.id,
+            "type": self.type.value,
+            "version": ENVELOPE_VERSION,
+            "received": str(self.received_ms),
+        }
+        if self.device is not None:
+            env["device"] = self.device.to_envelope()
+        if self.source is not None:
+            env["source"] = self.source.value
+        if self.payload is not None:
+            env["payload"] = self.payload.to_envelope(self.topic)
+        env.update(self.body)
+        return env
+
+    def envelope_json(self) -> str:
+        return json.dumps(self.to_envelope(), separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminLog:
+    """An administration-log entry (spec section 5)."""
+
+    id: str
+    timestamp_ms: int
+    org: str
+    type: LogType
+    category: LogCategory
+    message: str
+    description: str
+    trace_id: str | None = None
+    iccid: str | None = None
+    imsi: str | None = None
+    ip: str | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "customerId": self.org,
+            "timestamp": iso_ms(self.timestamp_ms),
+            "type": self.type.value,
+            "category": self.category.value,
+            "message": self.message,
+            "description": self.description,
+            "traceId": self.trace_id,
+            "iccid": self.iccid,
+            "imsi": self.imsi,
+            "ip": self.ip,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryItem:
+    """One stored TELEMETRY_DATA message as the history API returns it."""
+
+    iccid: str
+    received_ms: int
+    protocol: Protocol
+    payload: str
+    topic: str | None
+
+    def to_api(self, tz_offset_min: int = 0) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "iccid": self.iccid,
+            "deviceId": self.iccid,
+            "time": iso_ms(self.received_ms, tz_offset_min),
+            "payload": self.payload,
+            "protocol": self.protocol.value,
+        }
+        if self.topic is not None:
+            item["topic"] = self.topic
+        return item
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """Last message per (device, protocol): the Device Inspector's state."""
+
+    iccid: str
+    protocol: Protocol
+    payload: str
+    topic: str | None
+    updated_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device that has talked to Simwire at least once."""
+
+    iccid: str
+    imsi: str
+    ip: str
+    org: str
+    first_seen_ms: int
+
+    def to_api(self) -> dict[str, Any]:
+        return {"id": self.iccid, "iccid": self.iccid, "imsi1": self.imsi, "ip": self.ip}
+
+
+@dataclass(frozen=True, slots=True)
+class ApiClient:
+    """An OAuth2 client (client-credentials grant) with its role and organisation."""
+
+    client_id: str
+    secret_hash: str
+    role: str
+    org: str
+    created_ms: int
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def new_trace_id(now_ms: int) -> str:
+    """Event/trace id in 1NCE's (AWS X-Ray) format: `1-<epoch s, 8 hex>-<24 hex>`."""
+    return f"1-{now_ms // 1000:08x}-{os.urandom(12).hex()}"
+
+
+def iso_ms(epoch_ms: int, tz_offset_min: int = 0) -> str:
+    """ISO 8601 with milliseconds: `Z` for UTC, else the given offset (echoed back)."""
+    if tz_offset_min == 0:
+        dt = datetime.fromtimestamp(epoch_ms / 1000, UTC)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+    tz = timezone(timedelta(minutes=tz_offset_min))
+    dt = datetime.fromtimestamp(epoch_ms / 1000, tz)
+    return dt.isoformat(timespec="milliseconds")

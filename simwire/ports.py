@@ -1,0 +1,226 @@
+"""The contracts between services: every store adapter implements these Protocols.
+
+Who calls what:
+- `SimRepository`: authenticator.lookup (hot path, through its cache) and
+  authenticator.management (API, CSV import).
+- `IngestStore.append`: integrator.pipeline only; the durable write that precedes every ACK.
+- `HistoryRepository`, `DeviceRepository`: inspector API (reads) and the retention task.
+- `AdminLogRepository`: everybody appends (off the hot path), the inspector API reads.
+- `ClientRepository`: simwire.auth (token endpoint, bootstrap of the first admin client).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from simwire.model import (
+    AdminLog,
+    ApiClient,
+    Device,
+    DeviceState,
+    Event,
+    HistoryItem,
+    Payload,
+    RawUplink,
+    Sim,
+)
+from simwire.model import Protocol as DeviceProtocol
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """A page-number page: `{items, page, pageAmount}` in the API."""
+
+    items: list[T]
+    page: int
+    page_amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A token page of history; `next_token` is opaque to callers."""
+
+    items: list[HistoryItem]
+    next_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    iccid: str
+    start_ms: int
+    end_ms: int
+    protocol: DeviceProtocol | None = None
+    page_size: int = 10
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """First contact of a device: written only if the device was not known yet, so the
+    LIFECYCLE event and its admin log exist exactly once per device, even with several
+    writers racing."""
+
+    device: Device
+    event: Event
+    log: AdminLog
+
+
+@dataclass(frozen=True, slots=True)
+class IngestRecord:
+    """Everything one uplink writes, in one durable transaction."""
+
+    events: tuple[Event, ...]
+    state: DeviceState | None = None
+    logs: tuple[AdminLog, ...] = ()
+    registration: Registration | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminLogQuery:
+    org: str
+    iccid: str | None = None
+    type: str | None = None
+    category: str | None = None
+    start_ms: int | None = None
+    end_ms: int | None = None
+    page: int = 1
+    page_size: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceQuery:
+    org: str
+    page: int = 1
+    page_size: int = 10
+    iccid: str | None = None
+    sort: tuple[tuple[str, bool], ...] = (("iccid", False),)
+    """(field, descending) pairs; fields: iccid, imsi, ip."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimChanges:
+    """A PATCH of a SIM: only the fields that are set change."""
+
+    imsi: str | None = None
+    ip: str | None = None
+    imei: str | None = None
+    label: str | None = None
+    status: str | None = None
+    clear: frozenset[str] = field(default_factory=frozenset)
+    """Optional fields explicitly set to null (imei, label)."""
+
+
+class SimRepository(Protocol):
+    async def find_by_ip(self, ip: str) -> Sim | None:
+        """Hot path (cache miss only). Indexed lookup."""
+        ...
+
+    async def get(self, iccid: str) -> Sim | None: ...
+
+    async def create(self, sim: Sim) -> None:
+        """Raises Conflict on a duplicate ICCID or IP."""
+        ...
+
+    async def update(self, iccid: str, changes: SimChanges, now_ms: int) -> Sim | None:
+        """Returns the updated SIM, None if absent; Conflict on a duplicate IP."""
+        ...
+
+    async def delete(self, iccid: str) -> bool: ...
+
+    async def list(self, org: str, page: int, page_size: int) -> Page[Sim]: ...
+
+
+class IngestStore(Protocol):
+    async def append(self, record: IngestRecord) -> None:
+        """Durably commit one uplink's writes. Called by the pipeline before it ACKs.
+
+        Adapters group concurrent calls into one transaction (group commit); the call
+        returns only after the commit."""
+        ...
+
+
+class HistoryRepository(Protocol):
+    async def history(self, query: HistoryQuery) -> HistoryPage:
+        """Indexed by (iccid, received); newest first."""
+        ...
+
+    async def purge(self, before_ms: int) -> int:
+        """Delete events and admin logs received before `before_ms`; returns rows deleted."""
+        ...
+
+
+class DeviceRepository(Protocol):
+    async def list_devices(self, query: DeviceQuery) -> Page[Device]: ...
+
+    async def get_device(self, iccid: str) -> Device | None: ...
+
+    async def is_registered(self, iccid: str) -> bool:
+        """Pipeline, on the first message a process sees from a device (then cached)."""
+        ...
+
+    async def get_state(self, iccid: str, protocol: DeviceProtocol) -> DeviceState | None: ...
+
+
+class AdminLogRepository(Protocol):
+    async def append_logs(self, logs: Sequence[AdminLog]) -> None:
+        """Off the hot path: bad-input logs are batched and rate-limited by callers."""
+        ...
+
+    async def list_logs(self, query: AdminLogQuery) -> Page[AdminLog]: ...
+
+
+class ClientRepository(Protocol):
+    async def get_client(self, client_id: str) -> ApiClient | None: ...
+
+    async def create_client(self, client: ApiClient) -> None: ...
+
+    async def count_clients(self) -> int: ...
+
+    async def get_or_create_meta(self, key: str, value: str) -> str:
+        """Store-wide settings (the token signing key): first writer wins."""
+        ...
+
+
+class Store(
+    SimRepository,
+    IngestStore,
+    HistoryRepository,
+    DeviceRepository,
+    AdminLogRepository,
+    ClientRepository,
+    Protocol,
+):
+    """One storage backend; `simwire.storage.open_store` picks the adapter."""
+
+    name: str
+
+    async def close(self) -> None: ...
+
+
+class Translator(Protocol):
+    """Energy Saver hook, called by the pipeline for UDP/CoAP payloads (hot path)."""
+
+    def translate(self, org: str, uplink: RawUplink) -> Payload | TranslationError:
+        """Return the payload (translated, or raw when no template applies) or an error."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TranslationError:
+    """A translation failure: becomes an ERROR event `Translator[UserPayloadError]`."""
+
+    description: str
+
+
+class PassThroughTranslator:
+    """The translator until Energy Saver lands: every payload stays raw."""
+
+    def translate(self, org: str, uplink: RawUplink) -> Payload | TranslationError:
+        return Payload(raw=uplink.payload)
+
+
+JsonObj = dict[str, Any]

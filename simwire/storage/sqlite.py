@@ -1,0 +1,570 @@
+"""SQLite adapter (the embedded default): one writer thread with group commit, WAL readers.
+
+`SqliteDatabase` is the engine: `write(fn)` queues `fn(conn)` for the writer thread, which
+runs every queued operation in one transaction (each in its own SAVEPOINT, so one failing
+operation does not undo the others) and commits once: many uplinks share one fsync.
+`read(fn)` runs on a small pool of read-only connections (WAL lets them read while the
+writer commits). `SqliteStore` implements every port of `simwire.ports` on top of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from simwire.errors import BadRequest, Conflict
+from simwire.model import (
+    AdminLog,
+    ApiClient,
+    Device,
+    DeviceState,
+    Event,
+    EventType,
+    HistoryItem,
+    LogCategory,
+    LogType,
+    Protocol,
+    Sim,
+    SimStatus,
+)
+from simwire.ports import (
+    AdminLogQuery,
+    DeviceQuery,
+    HistoryPage,
+    HistoryQuery,
+    IngestRecord,
+    Page,
+    SimChanges,
+)
+
+log = logging.getLogger("simwire.storage.sqlite")
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sims (
+    iccid TEXT PRIMARY KEY, imsi TEXT NOT NULL, ip TEXT NOT NULL UNIQUE, imei TEXT,
+    label TEXT, status TEXT NOT NULL, org TEXT NOT NULL,
+    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sims_org ON sims (org, iccid);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, org TEXT NOT NULL,
+    iccid TEXT, protocol TEXT, topic TEXT, received_ms INTEGER NOT NULL,
+    history TEXT, envelope TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_history ON events (iccid, received_ms, seq)
+    WHERE type = 'TELEMETRY_DATA';
+CREATE INDEX IF NOT EXISTS events_received ON events (received_ms);
+CREATE TABLE IF NOT EXISTS devices (
+    iccid TEXT PRIMARY KEY, org TEXT NOT NULL, imsi TEXT NOT NULL, ip TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS devices_org ON devices (org, iccid);
+CREATE TABLE IF NOT EXISTS device_state (
+    iccid TEXT NOT NULL, protocol TEXT NOT NULL, payload TEXT NOT NULL, topic TEXT,
+    updated_ms INTEGER NOT NULL, PRIMARY KEY (iccid, protocol)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS admin_logs (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, org TEXT NOT NULL, timestamp_ms INTEGER NOT NULL,
+    type TEXT NOT NULL, category TEXT NOT NULL, message TEXT NOT NULL, description TEXT NOT NULL,
+    trace_id TEXT, iccid TEXT, imsi TEXT, ip TEXT);
+CREATE INDEX IF NOT EXISTS admin_logs_org ON admin_logs (org, timestamp_ms);
+CREATE INDEX IF NOT EXISTS admin_logs_iccid ON admin_logs (iccid, timestamp_ms);
+CREATE TABLE IF NOT EXISTS api_clients (
+    client_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, role TEXT NOT NULL,
+    org TEXT NOT NULL, created_ms INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+MAX_BATCH = 1024
+PURGE_CHUNK = 5000
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+class SqliteDatabase:
+    """The writer thread + reader pool. Owned by `SqliteStore`; nothing else touches it."""
+
+    def __init__(self, path: Path, synchronous: str = "FULL", readers: int = 2) -> None:
+        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(f"bad sqlite synchronous mode {synchronous!r}")
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-read")
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return conn
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(SCHEMA)
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(conn,), name="sqlite-writer", daemon=True
+        )
+        self._writer.start()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+            self._writer = None
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in the writer's next transaction; returns after the commit."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, fut, loop))
+        return await fut
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = ON")
+            self._local.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        return fn(conn)
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                batch: list[_Op] = [first]  # type: ignore[list-item]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    batch.append(nxt)  # type: ignore[arg-type]
+                self._run_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op.fn(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:  # commit failed: nobody's write is durable
+            log.error("sqlite commit failed: %s", exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [(False, exc)] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, tuple[bool, Any]]]] = {}
+        for op, res in zip(batch, results, strict=True):
+            by_loop.setdefault(op.loop, []).append((op, res))
+        for loop, items in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, items)
+
+
+def _settle(items: list[tuple[_Op, tuple[bool, Any]]]) -> None:
+    for op, (ok, value) in items:
+        if op.future.done():
+            continue
+        if ok:
+            op.future.set_result(value)
+        else:
+            op.future.set_exception(value)
+
+
+def _sim(row: Sequence[Any]) -> Sim:
+    return Sim(
+        iccid=row[0], imsi=row[1], ip=row[2], imei=row[3], label=row[4],
+        status=SimStatus(row[5]), org=row[6], created_ms=row[7], updated_ms=row[8],
+    )
+
+
+_SIM_COLS = "iccid, imsi, ip, imei, label, status, org, created_ms, updated_ms"
+_LOG_COLS = (
+    "id, org, timestamp_ms, type, category, message, description, trace_id, iccid, imsi, ip"
+)
+
+
+def _log_row(e: AdminLog) -> tuple[Any, ...]:
+    return (
+        e.id, e.org, e.timestamp_ms, e.type.value, e.category.value, e.message,
+        e.description, e.trace_id, e.iccid, e.imsi, e.ip,
+    )
+
+
+def _event_row(e: Event) -> tuple[Any, ...]:
+    history = e.payload.history_text() if e.type is EventType.TELEMETRY_DATA and e.payload else None
+    return (
+        e.id, e.type.value, e.org, e.device.iccid if e.device else None,
+        e.source.value if e.source else None, e.topic, e.received_ms, history, e.envelope_json(),
+    )
+
+
+def encode_token(values: list[Any]) -> str:
+    """Opaque page token (base64url JSON); both adapters use the same encoding."""
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
+def decode_token(token: str) -> list[Any]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}]) from exc
+    if not isinstance(data, list) or len(data) != 2:
+        raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}])
+    return data
+
+
+def page_amount(total: int, page_size: int) -> int:
+    return max(1, -(-total // page_size))
+
+
+class SqliteStore:
+    """Every storage port on one SQLite file (`<data-dir>/simwire.db`)."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+        self.db = SqliteDatabase(path, synchronous)
+
+    async def open(self) -> SqliteStore:
+        await asyncio.to_thread(self.db.open)
+        return self
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.db.close)
+
+    # -- SimRepository ---------------------------------------------------------------
+
+    async def find_by_ip(self, ip: str) -> Sim | None:
+        def q(c: sqlite3.Connection) -> Sim | None:
+            row = c.execute(f"SELECT {_SIM_COLS} FROM sims WHERE ip = ?", (ip,)).fetchone()
+            return _sim(row) if row else None
+
+        return await self.db.read(q)
+
+    async def get(self, iccid: str) -> Sim | None:
+        def q(c: sqlite3.Connection) -> Sim | None:
+            row = c.execute(f"SELECT {_SIM_COLS} FROM sims WHERE iccid = ?", (iccid,)).fetchone()
+            return _sim(row) if row else None
+
+        return await self.db.read(q)
+
+    async def create(self, sim: Sim) -> None:
+        def w(c: sqlite3.Connection) -> None:
+            try:
+                c.execute(
+                    f"INSERT INTO sims ({_SIM_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (sim.iccid, sim.imsi, sim.ip, sim.imei, sim.label, sim.status.value,
+                     sim.org, sim.created_ms, sim.updated_ms),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _sim_conflict(exc, sim.iccid, sim.ip) from exc
+
+        await self.db.write(w)
+
+    async def update(self, iccid: str, changes: SimChanges, now_ms: int) -> Sim | None:
+        sets: list[str] = []
+        args: list[Any] = []
+        for col in ("imsi", "ip", "imei", "label", "status"):
+            val = getattr(changes, col)
+            if val is not None:
+                sets.append(f"{col} = ?")
+                args.append(val)
+            elif col in changes.clear:
+                sets.append(f"{col} = NULL")
+        sets.append("updated_ms = ?")
+        args.append(now_ms)
+
+        def w(c: sqlite3.Connection) -> Sim | None:
+            try:
+                c.execute(f"UPDATE sims SET {', '.join(sets)} WHERE iccid = ?", (*args, iccid))
+            except sqlite3.IntegrityError as exc:
+                raise _sim_conflict(exc, iccid, changes.ip or "") from exc
+            row = c.execute(f"SELECT {_SIM_COLS} FROM sims WHERE iccid = ?", (iccid,)).fetchone()
+            return _sim(row) if row else None
+
+        return await self.db.write(w)
+
+    async def delete(self, iccid: str) -> bool:
+        def w(c: sqlite3.Connection) -> bool:
+            return c.execute("DELETE FROM sims WHERE iccid = ?", (iccid,)).rowcount > 0
+
+        return await self.db.write(w)
+
+    async def list(self, org: str, page: int, page_size: int) -> Page[Sim]:
+        def q(c: sqlite3.Connection) -> Page[Sim]:
+            total = c.execute("SELECT count(*) FROM sims WHERE org = ?", (org,)).fetchone()[0]
+            rows = c.execute(
+                f"SELECT {_SIM_COLS} FROM sims WHERE org = ? ORDER BY iccid LIMIT ? OFFSET ?",
+                (org, page_size, (page - 1) * page_size),
+            ).fetchall()
+            return Page([_sim(r) for r in rows], page, page_amount(total, page_size))
+
+        return await self.db.read(q)
+
+    # -- IngestStore -------------------------------------------------------------------
+
+    async def append(self, record: IngestRecord) -> None:
+        await self.db.write(lambda c: _write_record(c, record))
+
+    # -- HistoryRepository ---------------------------------------------------------------
+
+    async def history(self, query: HistoryQuery) -> HistoryPage:
+        def q(c: sqlite3.Connection) -> HistoryPage:
+            sql = (
+                "SELECT iccid, received_ms, protocol, history, topic, seq FROM events "
+                "WHERE type = 'TELEMETRY_DATA' AND iccid = ? AND received_ms >= ? "
+            )
+            args: list[Any] = [query.iccid, query.start_ms]
+            if query.token:
+                t_ms, t_seq = decode_token(query.token)
+                sql += "AND (received_ms < ? OR (received_ms = ? AND seq < ?)) "
+                args += [t_ms, t_ms, t_seq]
+                sql += "AND received_ms <= ? "
+            else:
+                sql += "AND received_ms <= ? "
+            args.append(query.end_ms)
+            if query.protocol is not None:
+                sql += "AND protocol = ? "
+                args.append(query.protocol.value)
+            sql += "ORDER BY received_ms DESC, seq DESC LIMIT ?"
+            args.append(query.page_size + 1)
+            rows = c.execute(sql, args).fetchall()
+            more = len(rows) > query.page_size
+            rows = rows[: query.page_size]
+            items = [
+                HistoryItem(r[0], r[1], Protocol(r[2]), r[3], r[4]) for r in rows
+            ]
+            token = encode_token([rows[-1][1], rows[-1][5]]) if more else None
+            return HistoryPage(items, token)
+
+        return await self.db.read(q)
+
+    async def purge(self, before_ms: int) -> int:
+        total = 0
+        while True:
+            def w(c: sqlite3.Connection) -> int:
+                n = c.execute(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
+                    "WHERE received_ms < ? LIMIT ?)", (before_ms, PURGE_CHUNK),
+                ).rowcount
+                n += c.execute(
+                    "DELETE FROM admin_logs WHERE seq IN (SELECT seq FROM admin_logs "
+                    "WHERE timestamp_ms < ? LIMIT ?)", (before_ms, PURGE_CHUNK),
+                ).rowcount
+                return n
+
+            n = await self.db.write(w)
+            total += n
+            if n == 0:
+                return total
+
+    # -- DeviceRepository ----------------------------------------------------------------
+
+    async def list_devices(self, query: DeviceQuery) -> Page[Device]:
+        order = ", ".join(f"{f} {'DESC' if desc else 'ASC'}" for f, desc in query.sort)
+
+        def q(c: sqlite3.Connection) -> Page[Device]:
+            where, args = "org = ?", [query.org]
+            if query.iccid is not None:
+                where += " AND iccid = ?"
+                args.append(query.iccid)
+            total = c.execute(f"SELECT count(*) FROM devices WHERE {where}", args).fetchone()[0]
+            rows = c.execute(
+                f"SELECT iccid, imsi, ip, org, first_seen_ms FROM devices WHERE {where} "
+                f"ORDER BY {order} LIMIT ? OFFSET ?",
+                (*args, query.page_size, (query.page - 1) * query.page_size),
+            ).fetchall()
+            return Page([Device(*r) for r in rows], query.page,
+                        page_amount(total, query.page_size))
+
+        return await self.db.read(q)
+
+    async def get_device(self, iccid: str) -> Device | None:
+        def q(c: sqlite3.Connection) -> Device | None:
+            row = c.execute(
+                "SELECT iccid, imsi, ip, org, first_seen_ms FROM devices WHERE iccid = ?",
+                (iccid,),
+            ).fetchone()
+            return Device(*row) if row else None
+
+        return await self.db.read(q)
+
+    async def is_registered(self, iccid: str) -> bool:
+        return await self.get_device(iccid) is not None
+
+    async def get_state(self, iccid: str, protocol: Protocol) -> DeviceState | None:
+        def q(c: sqlite3.Connection) -> DeviceState | None:
+            row = c.execute(
+                "SELECT payload, topic, updated_ms FROM device_state "
+                "WHERE iccid = ? AND protocol = ?", (iccid, protocol.value),
+            ).fetchone()
+            return DeviceState(iccid, protocol, row[0], row[1], row[2]) if row else None
+
+        return await self.db.read(q)
+
+    # -- AdminLogRepository ----------------------------------------------------------------
+
+    async def append_logs(self, logs: Sequence[AdminLog]) -> None:
+        rows = [_log_row(e) for e in logs]
+
+        def w(c: sqlite3.Connection) -> None:
+            c.executemany(f"INSERT INTO admin_logs ({_LOG_COLS}) VALUES "
+                          "(?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+        await self.db.write(w)
+
+    async def list_logs(self, query: AdminLogQuery) -> Page[AdminLog]:
+        where: list[str] = ["org = ?"]
+        args: list[Any] = [query.org]
+        for col, val in (("iccid", query.iccid), ("type", query.type),
+                         ("category", query.category)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if query.start_ms is not None:
+            where.append("timestamp_ms >= ?")
+            args.append(query.start_ms)
+        if query.end_ms is not None:
+            where.append("timestamp_ms <= ?")
+            args.append(query.end_ms)
+        cond = " AND ".join(where)
+
+        def q(c: sqlite3.Connection) -> Page[AdminLog]:
+            total = c.execute(f"SELECT count(*) FROM admin_logs WHERE {cond}", args).fetchone()[0]
+            rows = c.execute(
+                f"SELECT {_LOG_COLS} FROM admin_logs WHERE {cond} "
+                "ORDER BY timestamp_ms DESC, seq DESC LIMIT ? OFFSET ?",
+                (*args, query.page_size, (query.page - 1) * query.page_size),
+            ).fetchall()
+            items = [
+                AdminLog(r[0], r[2], r[1], LogType(r[3]), LogCategory(r[4]), r[5], r[6],
+                         r[7], r[8], r[9], r[10])
+                for r in rows
+            ]
+            return Page(items, query.page, page_amount(total, query.page_size))
+
+        return await self.db.read(q)
+
+    # -- ClientRepository ----------------------------------------------------------------
+
+    async def get_client(self, client_id: str) -> ApiClient | None:
+        def q(c: sqlite3.Connection) -> ApiClient | None:
+            row = c.execute(
+                "SELECT client_id, secret_hash, role, org, created_ms FROM api_clients "
+                "WHERE client_id = ?", (client_id,),
+            ).fetchone()
+            return ApiClient(*row) if row else None
+
+        return await self.db.read(q)
+
+    async def create_client(self, client: ApiClient) -> None:
+        def w(c: sqlite3.Connection) -> None:
+            try:
+                c.execute(
+                    "INSERT INTO api_clients VALUES (?,?,?,?,?)",
+                    (client.client_id, client.secret_hash, client.role, client.org,
+                     client.created_ms),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"client {client.client_id} exists") from exc
+
+        await self.db.write(w)
+
+    async def count_clients(self) -> int:
+        return int(await self.db.read(
+            lambda c: c.execute("SELECT count(*) FROM api_clients").fetchone()[0]))
+
+    async def get_or_create_meta(self, key: str, value: str) -> str:
+        def w(c: sqlite3.Connection) -> str:
+            c.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+            return str(c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+        return await self.db.write(w)
+
+
+def _write_record(c: sqlite3.Connection, record: IngestRecord) -> None:
+    events = list(record.events)
+    logs = list(record.logs)
+    reg = record.registration
+    if reg is not None:
+        d = reg.device
+        inserted = c.execute(
+            "INSERT OR IGNORE INTO devices VALUES (?,?,?,?,?)",
+            (d.iccid, d.org, d.imsi, d.ip, d.first_seen_ms),
+        ).rowcount
+        if inserted:
+            events.insert(0, reg.event)
+            logs.append(reg.log)
+    c.executemany(
+        "INSERT INTO events (id, type, org, iccid, protocol, topic, received_ms, history, "
+        "envelope) VALUES (?,?,?,?,?,?,?,?,?)",
+        [_event_row(e) for e in events],
+    )
+    s = record.state
+    if s is not None:
+        c.execute(
+            "INSERT INTO device_state VALUES (?,?,?,?,?) ON CONFLICT (iccid, protocol) DO "
+            "UPDATE SET payload = excluded.payload, topic = excluded.topic, "
+            "updated_ms = excluded.updated_ms WHERE excluded.updated_ms >= updated_ms",
+            (s.iccid, s.protocol.value, s.payload, s.topic, s.updated_ms),
+        )
+    if logs:
+        c.executemany(
+            f"INSERT INTO admin_logs ({_LOG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [_log_row(e) for e in logs],
+        )
+
+
+def _sim_conflict(exc: sqlite3.IntegrityError, iccid: str, ip: str) -> Conflict:
+    if "sims.ip" in str(exc):
+        return Conflict(f"a SIM with IP {ip} already exists")
+    return Conflict(f"SIM {iccid} already exists")
