@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -70,10 +71,12 @@ class Api:
 
 
 async def eventually(check: Any, timeout: float = 5.0) -> Any:
-    """Poll an async predicate until it returns a truthy value (for background writers)."""
+    """Poll a predicate (sync or async) until it returns a truthy value; returns it."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        result = await check()
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if asyncio.get_running_loop().time() > deadline:
