@@ -63,6 +63,7 @@ class Simwire:
         self.retention: Retention
         self.admin_logs: AdminLogWriter
         self.ports: BoundPorts
+        self.http_app: web.Application
         self.generated_admin: tuple[str, str] | None = None
 
     async def start(self) -> None:
@@ -100,6 +101,7 @@ class Simwire:
                 ],
                 self._health,
             )
+            self.http_app = api
             runner = web.AppRunner(api, access_log=None, handle_signals=False)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)

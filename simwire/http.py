@@ -174,6 +174,8 @@ def build_api(
             if scheme.lower() != "bearer" or not token:
                 raise Unauthorized("Bearer token required")
             who = tokens.verify(token.strip())
+            if request.match_info.http_exception is not None:
+                raise request.match_info.http_exception  # 404/405, after authentication
             if need is None or not role_allows(who.role, need):
                 raise Forbidden(f"role {who.role} may not call this route")
             request[PRINCIPAL] = who
