@@ -1,0 +1,117 @@
+"""Pipeline: the envelope it stores, translation failures, registration once, no ACK on
+store failure. GIVEN / WHEN / THEN against a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from integrator.pipeline import Ack
+from simwire.app import Simwire
+from simwire.clock import ManualClock
+from simwire.model import Payload, Protocol, RawUplink, Sim
+from simwire.ports import TranslationError
+from tests.support.simwire import running
+
+ICCID = "8988280666000002864"
+SIM = Sim(ICCID, "901405100002864", "100.91.200.24")
+T0 = 1_670_598_749_915
+
+
+def envelopes(app: Simwire) -> list[dict[str, object]]:
+    db = sqlite3.connect(app.config.data_dir / "simwire.db")
+    try:
+        rows = db.execute("SELECT envelope FROM events ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    return [json.loads(r[0]) for r in rows]
+
+
+def uplink(payload: bytes, protocol: Protocol = Protocol.UDP, topic: str | None = None,
+           ip: str = SIM.ip) -> RawUplink:
+    return RawUplink(protocol, ip, 40000, payload, T0, topic)
+
+
+async def test_telemetry_and_lifecycle_envelopes(tmp_path: Path) -> None:
+    async with running(tmp_path / "d", clock=ManualClock(T0)) as app:
+        await app.store.create(SIM)
+        # WHEN a device sends twice
+        assert await app.pipeline.handle_uplink(uplink(b"\x01\x02")) is Ack.STORED
+        assert await app.pipeline.handle_uplink(
+            uplink(b"hi", Protocol.COAP, "test")) is Ack.STORED
+        events = envelopes(app)
+    # THEN one LIFECYCLE precedes the first TELEMETRY_DATA, in the 1NCE 1.0.0 envelope
+    assert [e["type"] for e in events] == ["LIFECYCLE", "TELEMETRY_DATA", "TELEMETRY_DATA"]
+    device = {"iccid": ICCID, "imsi": "901405100002864", "ip": "100.91.200.24"}
+    life, udp, coap_ev = events
+    assert life == {
+        "id": life["id"], "type": "LIFECYCLE", "version": "1.0.0", "received": str(T0),
+        "device": device,
+        "lifecycle": {"type": "DEVICE_FIRST_TIME_REGISTERED",
+                      "message": f"New Device successfully registered for the first time - {ICCID}"},
+    }
+    assert udp == {
+        "id": udp["id"], "type": "TELEMETRY_DATA", "version": "1.0.0", "received": str(T0),
+        "device": device, "source": "UDP",
+        "payload": {"type": "STRING", "value": "AQI=", "encoding": "base64"},
+    }
+    assert coap_ev["payload"] == {"type": "STRING", "value": "aGk=", "encoding": "base64",
+                                  "topic": "test"}
+    assert coap_ev["source"] == "COAP"
+    # ids are 1NCE/X-Ray style: 1-<receive time in epoch seconds>-<24 hex>
+    for e in events:
+        prefix, seconds, rand = str(e["id"]).split("-")
+        assert (prefix, int(seconds, 16), len(rand)) == ("1", T0 // 1000, 24)
+    assert len({e["id"] for e in events}) == 3
+
+
+class FailingTranslator:
+    def translate(self, org: str, raw: RawUplink) -> Payload | TranslationError:
+        if raw.payload.startswith(b"\x01"):
+            return Payload(raw=raw.payload, json_value={"ok": True}, translated=True)
+        return TranslationError("Asset path:Humidity, Error: can't extract [2:4] from 2 bytes")
+
+
+async def test_translation_failure_is_an_error_event_and_raw_is_kept(tmp_path: Path) -> None:
+    async with running(tmp_path / "d", clock=ManualClock(T0),
+                       translator=FailingTranslator()) as app:
+        await app.store.create(SIM)
+        assert await app.pipeline.handle_uplink(uplink(b"\x01")) is Ack.STORED
+        assert await app.pipeline.handle_uplink(uplink(b"\x00\x1a")) is Ack.STORED
+        events = envelopes(app)
+        from simwire.ports import HistoryQuery
+
+        page = await app.store.history(HistoryQuery(ICCID, 0, 2**62))
+    assert [e["type"] for e in events] == [
+        "LIFECYCLE", "TELEMETRY_DATA", "TELEMETRY_DATA", "ERROR"]
+    assert events[1]["payload"] == {"type": "JSON", "value": {"ok": True}}
+    err = events[3]
+    assert err["error"] == {
+        "id": err["id"], "type": "DEVICE", "message": "Translator[UserPayloadError]",
+        "description": "Asset path:Humidity, Error: can't extract [2:4] from 2 bytes",
+        "payloadExists": True,
+    }
+    assert [i.payload for i in page.items] == ["ABo=", '{"ok":true}']
+
+
+async def test_nothing_is_acked_when_the_store_fails(tmp_path: Path) -> None:
+    async with running(tmp_path / "d", clock=ManualClock(T0)) as app:
+        await app.store.create(SIM)
+
+        async def broken(record: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        app.pipeline._store.append = broken  # type: ignore[method-assign]
+        assert await app.pipeline.handle_uplink(uplink(b"x")) is Ack.FAILED
+        assert app.metrics.registry.get_sample_value(
+            "simwire_uplinks_total", {"protocol": "UDP", "outcome": "error"}) == 1
+
+
+async def test_dtls_identity_must_match_the_sim_of_the_source_ip(tmp_path: Path) -> None:
+    async with running(tmp_path / "d", clock=ManualClock(T0)) as app:
+        await app.store.create(SIM)
+        good = RawUplink(Protocol.COAP, SIM.ip, 1, b"x", T0, dtls_identity=ICCID)
+        bad = RawUplink(Protocol.COAP, SIM.ip, 1, b"x", T0, dtls_identity="8988280666000000000")
+        assert await app.pipeline.handle_uplink(good) is Ack.STORED
+        assert await app.pipeline.handle_uplink(bad) is Ack.UNAUTHORIZED

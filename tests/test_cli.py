@@ -1,0 +1,110 @@
+"""`simwire serve` as a process: flags, SIGTERM, restart on the same data dir, config."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from simwire.config import Config, load_config
+from tests.support.net import UdpClient, free_port
+
+ICCID = "8988280666000000081"
+
+
+async def start(data_dir: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.Process,
+                                                              dict[str, int], str]:
+    ports = {"udp": free_port(2), "coap": free_port(2), "http": free_port()}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "simwire.cli", "serve", "--data-dir", str(data_dir),
+        "--host", "127.0.0.1", "--udp-port", str(ports["udp"]),
+        "--coap-port", str(ports["coap"]), "--http-port", str(ports["http"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    printed = ""
+    while "simwire ready" not in printed:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if not line:
+            err = await proc.stderr.read() if proc.stderr else b""
+            raise AssertionError(f"simwire exited: {err.decode()}")
+        printed += line.decode()
+    return proc, ports, printed
+
+
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def token(http: aiohttp.ClientSession, port: int, cid: str, secret: str) -> str:
+    basic = base64.b64encode(f"{cid}:{secret}".encode()).decode()
+    async with http.post(f"http://127.0.0.1:{port}/oauth/token",
+                         json={"grant_type": "client_credentials"},
+                         headers={"Authorization": f"Basic {basic}"}) as r:
+        assert r.status == 200
+        return str((await r.json())["access_token"])
+
+
+async def test_serve_restart_keeps_everything(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMWIRE_")}
+    data = tmp_path / "data"
+    proc, ports, printed = await start(data, env)
+    try:
+        # a new store without SIMWIRE_ADMIN_* prints a generated admin secret once
+        creds = next(line for line in printed.splitlines() if "client_secret=" in line)
+        cid = creds.split("client_id=")[1].split()[0]
+        secret = creds.split("client_secret=")[1].split()[0]
+        async with aiohttp.ClientSession() as http:
+            bearer = {"Authorization": f"Bearer {await token(http, ports['http'], cid, secret)}"}
+            async with http.post(f"http://127.0.0.1:{ports['http']}/v1/sims", headers=bearer,
+                                 json={"iccid": ICCID, "imsi": "901405100000081",
+                                       "ip": "127.0.0.1"}) as r:
+                assert r.status == 201
+            dev = await UdpClient.open(("127.0.0.1", ports["coap"]))
+            reply = await dev.request(bytes.fromhex("40020001d602743d74657374ff016354322e322e31"))
+            dev.close()
+            assert reply == bytes.fromhex("60440001")
+    finally:
+        assert await stop(proc) == 0
+    proc, ports, printed = await start(data, env)
+    try:
+        assert "client_secret=" not in printed
+        async with aiohttp.ClientSession() as http:
+            bearer = {"Authorization": f"Bearer {await token(http, ports['http'], cid, secret)}"}
+            async with http.get(f"http://127.0.0.1:{ports['http']}/v1/inspect/devices/"
+                                f"{ICCID}/history", headers=bearer) as r:
+                body = await r.json()
+            assert [(i["payload"], i["topic"]) for i in body["items"]] == [("AWNUMi4yLjE=", "test")]
+    finally:
+        assert await stop(proc) == 0
+
+
+async def test_serve_reports_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('udp_port = "many"\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "simwire.cli", "serve", "--config", str(bad),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert "udp_port must be int" in err.decode()
+
+
+def test_config_precedence(tmp_path: Path) -> None:
+    toml = tmp_path / "simwire.toml"
+    toml.write_text('[simwire]\nudp_port = 1000\ncoap_port = 2000\nhttp_port = 3000\n'
+                    'data_dir = "/var/lib/simwire"\n')
+    cfg = load_config(toml, env={"SIMWIRE_COAP_PORT": "2001", "SIMWIRE_HTTP_PORT": "3001"},
+                      flags={"http_port": 3002, "host": None})
+    assert (cfg.udp_port, cfg.coap_port, cfg.http_port) == (1000, 2001, 3002)
+    assert cfg.data_dir == Path("/var/lib/simwire") and cfg.host == Config().host
+    defaults = load_config(env={})
+    assert (defaults.udp_port, defaults.coap_port, defaults.http_port) == (4445, 5683, 8080)
+    with pytest.raises(ValueError, match="unknown setting 'colour'"):
+        load_config(env={}, flags={"colour": "red"})
