@@ -22,6 +22,7 @@ from aiohttp import web
 from authenticator import api as sims_api
 from authenticator.lookup import SimLookup
 from authenticator.management import SimManagement
+from energy_saver import PassThroughTranslator
 from inspector import api as inspector_api
 from inspector.adminlog import AdminLogWriter
 from inspector.retention import Retention
@@ -33,7 +34,7 @@ from simwire.clock import Clock, SystemClock
 from simwire.config import Config
 from simwire.http import build_api
 from simwire.metrics import Metrics
-from simwire.ports import PassThroughTranslator, Store, Translator
+from simwire.ports import Store, Translator
 from simwire.storage import open_store
 
 log = logging.getLogger("simwire.app")

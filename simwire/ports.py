@@ -216,11 +216,4 @@ class TranslationError:
     description: str
 
 
-class PassThroughTranslator:
-    """The translator until Energy Saver lands: every payload stays raw."""
-
-    def translate(self, org: str, uplink: RawUplink) -> Payload | TranslationError:
-        return Payload(raw=uplink.payload)
-
-
 JsonObj = dict[str, Any]

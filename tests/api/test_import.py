@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from simwire.model import Sim
 from simwire.ports import Page
 from simwire.storage.sqlite import SqliteStore
-from simwire.model import Sim
 
 CSV = """iccid,imsi,ip,imei,label,status
 8988280666000000051,901405100000051,10.3.0.51,356938035643809,first,Enabled

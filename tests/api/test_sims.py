@@ -43,7 +43,8 @@ async def test_duplicates_are_409(api: Api) -> None:
     assert body["errors"] == [{"message": f"SIM {SIM['iccid']} already exists"}]
     other = {**SIM, "iccid": "8988280666000000043"}
     status, body = await api.call("POST", "/v1/sims", other)
-    assert status == 409 and body["errors"] == [{"message": "a SIM with IP 10.1.0.41 already exists"}]
+    assert status == 409
+    assert body["errors"] == [{"message": "a SIM with IP 10.1.0.41 already exists"}]
     assert (await api.call("POST", "/v1/sims", {**other, "ip": "10.1.0.44"}))[0] == 201
     status, _ = await api.call("PATCH", f"/v1/sims/{other['iccid']}", {"ip": SIM["ip"]})
     assert status == 409

@@ -48,8 +48,10 @@ async def test_telemetry_and_lifecycle_envelopes(tmp_path: Path) -> None:
     assert life == {
         "id": life["id"], "type": "LIFECYCLE", "version": "1.0.0", "received": str(T0),
         "device": device,
-        "lifecycle": {"type": "DEVICE_FIRST_TIME_REGISTERED",
-                      "message": f"New Device successfully registered for the first time - {ICCID}"},
+        "lifecycle": {
+            "type": "DEVICE_FIRST_TIME_REGISTERED",
+            "message": f"New Device successfully registered for the first time - {ICCID}",
+        },
     }
     assert udp == {
         "id": udp["id"], "type": "TELEMETRY_DATA", "version": "1.0.0", "received": str(T0),

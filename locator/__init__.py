@@ -1,0 +1,1 @@
+"""Device Locator: cell-tower and GPS positions, geofences -> LOCATION/GEOFENCE events."""

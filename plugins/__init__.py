@@ -1,0 +1,1 @@
+"""Plugins: the Plugin protocol, the entry-point loader and built-in plugins."""

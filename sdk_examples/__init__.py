@@ -1,0 +1,1 @@
+"""Device-side examples: what 1NCE SDK / blueprint firmware sends, in plain Python (stdlib)."""
