@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable
 
 from authenticator.lookup import SimLookup
 from inspector.adminlog import AdminLogWriter
@@ -151,10 +150,6 @@ class Pipeline:
             iccid=sim.iccid if sim else None, imsi=sim.imsi if sim else None,
             ip=raw.source_ip, rate_key=f"unauth:{reason}:{raw.source_ip}",
         )
-
-    def forget(self, iccids: Iterable[str]) -> None:
-        """Management: a deleted device registers again on its next message."""
-        self._registered.difference_update(iccids)
 
 
 def first_registration(ident: DeviceIdentity, now_ms: int) -> Registration:

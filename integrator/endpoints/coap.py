@@ -14,7 +14,6 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from integrator import coap
@@ -100,15 +99,12 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
     def __init__(
         self, pipeline: Pipeline, clock: Clock, metrics: Metrics, config: CoapConfig,
         protocol: Protocol = Protocol.COAP,
-        routes: dict[tuple[str, ...], Callable[[coap.Message, tuple[str, int]], bytes | None]]
-        | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._clock = clock
         self._metrics = metrics
         self._config = config
         self._protocol = protocol
-        self._routes = routes or {}
         self._dedup = DedupCache(clock, EXCHANGE_LIFETIME_S, config.dedup_max_entries)
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -165,13 +161,6 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
                 return
         route = tuple(path)
         if route not in INGEST_PATHS:
-            handler = self._routes.get(route)
-            if handler is not None:
-                reply = handler(msg, addr)
-                if reply is not None:
-                    self._dedup.put(key).data = reply
-                    self._send(reply, addr)
-                return
             self._finish(msg, addr, key, coap.NOT_FOUND, "Not Found")
             return
         if msg.code != coap.POST:

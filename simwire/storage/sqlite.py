@@ -368,9 +368,7 @@ class SqliteStore:
                 t_ms, t_seq = decode_token(query.token)
                 sql += "AND (received_ms < ? OR (received_ms = ? AND seq < ?)) "
                 args += [t_ms, t_ms, t_seq]
-                sql += "AND received_ms <= ? "
-            else:
-                sql += "AND received_ms <= ? "
+            sql += "AND received_ms <= ? "
             args.append(query.end_ms)
             if query.protocol is not None:
                 sql += "AND protocol = ? "
