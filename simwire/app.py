@@ -71,7 +71,9 @@ class Simwire:
         cfg = self.config
         stack = self._stack
         try:
-            self.store = await open_store(cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
+            self.store = await open_store(
+                cfg.store, cfg.data_dir, cfg.sqlite_synchronous, cfg.retention_days
+            )
             stack.push_async_callback(self.store.close)
 
             tokens = await TokenService.create(self.store, self.clock)

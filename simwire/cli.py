@@ -75,7 +75,7 @@ async def _import(cfg: Config, path: Path, text: str) -> int:
     from simwire.errors import SimwireError
     from simwire.storage import open_store
 
-    store = await open_store(cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
+    store = await open_store(cfg.store, cfg.data_dir, cfg.sqlite_synchronous, cfg.retention_days)
     try:
         clock = SystemClock()
         mgmt = SimManagement(store, SimLookup(store, clock), clock)

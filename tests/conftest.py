@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from simwire.app import Simwire
+from tests.support.mongo import drop_database, fresh_database_name, mongo_server, with_database
 from tests.support.simwire import ADMIN_ID, ADMIN_SECRET, Api, running
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB server for the session: SIMWIRE_TEST_MONGODB_URL, else SecantusDB."""
+    yield from mongo_server(tmp_path_factory)
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+async def store_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """Run a test on each store: `sqlite`, or a fresh MongoDB database (dropped after)."""
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    server: str = request.getfixturevalue("mongo_url")
+    database = fresh_database_name()
+    try:
+        yield with_database(server, database)
+    finally:
+        await drop_database(server, database)
 
 
 @pytest.fixture(autouse=True)

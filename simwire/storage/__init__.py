@@ -7,8 +7,12 @@ from pathlib import Path
 from simwire.ports import Store
 
 
-async def open_store(url: str, data_dir: Path, sqlite_synchronous: str = "FULL") -> Store:
-    """`sqlite` (embedded, file in `data_dir`) or a `mongodb://` / `mongodb+srv://` URL."""
+async def open_store(
+    url: str, data_dir: Path, sqlite_synchronous: str = "FULL", retention_days: int = 7
+) -> Store:
+    """`sqlite` (embedded, file in `data_dir`) or a `mongodb://` / `mongodb+srv://` URL.
+
+    `retention_days` also sets MongoDB's TTL index (SQLite relies on the purge task)."""
     if url == "sqlite":
         from simwire.storage.sqlite import SqliteStore
 
@@ -16,5 +20,5 @@ async def open_store(url: str, data_dir: Path, sqlite_synchronous: str = "FULL")
     if url.startswith(("mongodb://", "mongodb+srv://")):
         from simwire.storage.mongodb import MongoStore
 
-        return await MongoStore(url).open()
+        return await MongoStore(url, retention_days=retention_days).open()
     raise ValueError(f"unknown store {url!r}: use 'sqlite' or a mongodb:// URL")

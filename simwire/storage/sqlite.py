@@ -110,6 +110,7 @@ class SqliteDatabase:
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -118,6 +119,8 @@ class SqliteDatabase:
         return conn
 
     def open(self) -> None:
+        if self._writer is not None or self._closed:
+            raise RuntimeError("SqliteDatabase opens once; make a new one to reopen the file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         conn.execute("PRAGMA journal_mode = WAL")
@@ -128,6 +131,7 @@ class SqliteDatabase:
         self._writer.start()
 
     def close(self) -> None:
+        self._closed = True
         if self._writer is not None:
             self._queue.put(_STOP)
             self._writer.join()
@@ -257,7 +261,10 @@ def decode_token(token: str) -> list[Any]:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}]) from exc
-    if not isinstance(data, list) or len(data) != 2:
+    if (
+        not isinstance(data, list) or len(data) != 2
+        or type(data[0]) is not int or type(data[1]) not in (int, str)
+    ):
         raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}])
     return data
 
@@ -311,6 +318,8 @@ class SqliteStore:
         await self.db.write(w)
 
     async def update(self, iccid: str, changes: SimChanges, now_ms: int) -> Sim | None:
+        if changes.clear - {"imei", "label"}:
+            raise ValueError(f"only imei and label can be cleared, not {sorted(changes.clear)}")
         sets: list[str] = []
         args: list[Any] = []
         for col in ("imsi", "ip", "imei", "label", "status"):
@@ -366,6 +375,8 @@ class SqliteStore:
             args: list[Any] = [query.iccid, query.start_ms]
             if query.token:
                 t_ms, t_seq = decode_token(query.token)
+                if type(t_seq) is not int:
+                    raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}])
                 sql += "AND (received_ms < ? OR (received_ms = ? AND seq < ?)) "
                 args += [t_ms, t_ms, t_seq]
             sql += "AND received_ms <= ? "

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from integrator import coap
 from simwire.app import Simwire
 from tests.support.devices import DeviceLink, open_link
-from tests.support.simwire import Api, eventually
+from tests.support.simwire import Api, eventually, running
 
 KNOWN = {"iccid": "8988280666000000011", "imsi": "901405100000011", "ip": "127.0.0.11"}
 OTHER_IP = "127.0.0.12"
 
 pytestmark = pytest.mark.parametrize("protocol", ["UDP", "COAP"])
+
+
+@pytest.fixture
+async def app(tmp_path: Path, store_url: str) -> AsyncIterator[Simwire]:
+    """The conformance scenarios run on both stores (SQLite, MongoDB wire protocol)."""
+    async with running(tmp_path / "data", store=store_url) as instance:
+        yield instance
 
 
 @pytest.fixture

@@ -1,0 +1,652 @@
+"""MongoDB adapter (PyMongo's `AsyncMongoClient`): the same ports as `SqliteStore`.
+
+Collections (in the database named by the URL path, else the `database` argument, else
+`simwire`):
+
+- `sims`: `_id` = ICCID; unique index on `ip`, index `(org, _id)`.
+- `events`: `_id` = an ObjectId that grows with every insert of this store (the history
+  tiebreak); history index `(iccid, type, received_ms desc, _id desc)`, an index on
+  `received_ms` for `purge`, and a TTL index on `expire_at` (= received + retention) so
+  MongoDB also purges by itself.
+- `devices`: `_id` = ICCID, index `(org, _id)`.
+- `device_state`: `_id` = `"<iccid>|<protocol>"`.
+- `admin_logs`: `_id` = a growing ObjectId (the list tiebreak); indexes
+  `(org, timestamp_ms, _id)`, `(iccid, timestamp_ms, _id)`, `timestamp_ms`, TTL on `expire_at`.
+- `api_clients`: `_id` = client id; `meta`: `_id` = key.
+
+`append` groups concurrent calls (group commit, like the SQLite writer): the records queued
+while a flush is in flight are written by the next flush with one `bulk_write`/`insert_many`
+per collection; every caller of a flush gets its outcome (a failure fails only that flush's
+callers). MongoDB gives no multi-collection transaction here, so one uplink's writes are not
+atomic: a flush that fails half-way may leave some of its documents written (the caller was
+not acknowledged and the device retries, as with any failed write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.write_concern import WriteConcern
+
+from simwire.errors import BadRequest, Conflict
+from simwire.model import (
+    AdminLog,
+    ApiClient,
+    Device,
+    DeviceState,
+    Event,
+    EventType,
+    HistoryItem,
+    LogCategory,
+    LogType,
+    Protocol,
+    Sim,
+    SimStatus,
+)
+from simwire.ports import (
+    AdminLogQuery,
+    DeviceQuery,
+    HistoryPage,
+    HistoryQuery,
+    IngestRecord,
+    Page,
+    SimChanges,
+)
+from simwire.storage.sqlite import decode_token, encode_token, page_amount
+
+log = logging.getLogger("simwire.storage.mongodb")
+
+Doc = dict[str, Any]
+DEFAULT_DATABASE = "simwire"
+DEFAULT_RETENTION_DAYS = 7
+MAX_BATCH = 1024
+DUPLICATE_KEY = 11000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TELEMETRY = EventType.TELEMETRY_DATA.value
+_DEVICE_SORT = {"iccid": "_id", "imsi": "imsi", "ip": "ip"}
+_OPTIONAL_SIM_FIELDS = frozenset({"imei", "label"})
+_HISTORY_INDEX = "history"
+"""The history query names its index: SecantusDB 0.7.0b3 (the test server) picks the same
+index by itself but then drops the keys equal to the range's inclusive far bound when a
+field follows the ranged one in the index (e.g. `received_ms >= start` misses the events at
+exactly `start`); with a hint it scans correctly. On MongoDB the hint changes nothing."""
+_LOGS_BY_ORG_INDEX = "org"
+_LOGS_BY_ICCID_INDEX = "iccid"
+
+
+class _Ids:
+    """ObjectIds that strictly grow with every call on this store (the ordering tiebreak).
+
+    `ObjectId()` alone is not enough: its 3-byte counter wraps and the wall clock may step
+    back; then the next id is the previous one plus one."""
+
+    def __init__(self) -> None:
+        self._last = ObjectId(b"\x00" * 12)
+
+    def next(self) -> ObjectId:
+        oid = ObjectId()
+        if oid <= self._last:
+            oid = ObjectId((int.from_bytes(self._last.binary, "big") + 1).to_bytes(12, "big"))
+        self._last = oid
+        return oid
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One `append` call waiting for its flush; documents are built (and ids assigned)
+    when the call is made, so ids follow the order of the calls."""
+
+    record: IngestRecord
+    future: asyncio.Future[None]
+    events: list[Doc]
+    logs: list[Doc]
+    reg_event: Doc | None = None
+    reg_log: Doc | None = None
+    registered: bool = field(default=False)
+
+
+class MongoStore:
+    """Every storage port on one MongoDB database.
+
+    `url`: a `mongodb://` or `mongodb+srv://` URL; its path names the database, else
+    `database`, else `simwire`.
+
+    `write_concern`: the write concern of every write. When `None` (the default) and the URL
+    sets no `w`/`journal` option, the store asks the server at `open()`: a replica-set member
+    gets `WriteConcern(w="majority", j=True)` (an acknowledged uplink survives a fail-over and
+    a crash), anything else (standalone, mongos) the server's default write concern. A URL
+    with `w=`/`journal=` options keeps those.
+
+    `retention_days`: documents of `events` and `admin_logs` carry `expire_at` = their time +
+    this many days, and a TTL index makes MongoDB delete them by itself; `None` writes no
+    `expire_at` (only `purge` deletes). `purge(before_ms)` works either way.
+    """
+
+    name = "mongodb"
+
+    def __init__(
+        self,
+        url: str,
+        database: str | None = None,
+        *,
+        write_concern: WriteConcern | None = None,
+        retention_days: int | None = DEFAULT_RETENTION_DAYS,
+    ) -> None:
+        self._url = url
+        self._database = database
+        self._write_concern = write_concern
+        self._retention = timedelta(days=retention_days) if retention_days is not None else None
+        self._ids = _Ids()
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        self._client: AsyncMongoClient[Doc] | None = None
+        self._db: AsyncDatabase[Doc] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def client(self) -> AsyncMongoClient[Doc]:
+        if self._client is None:
+            raise RuntimeError("MongoStore is not open")
+        return self._client
+
+    @property
+    def db(self) -> AsyncDatabase[Doc]:
+        if self._db is None:
+            raise RuntimeError("MongoStore is not open")
+        return self._db
+
+    async def open(self) -> MongoStore:
+        """Connect, settle the write concern and create the indexes (if absent)."""
+        if self._client is not None:
+            raise RuntimeError("MongoStore is already open")
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(self._url)
+        try:
+            wc = self._write_concern
+            if wc is None and not client.write_concern.document:
+                hello = await client.admin.command("hello")
+                wc = WriteConcern(w="majority", j=True) if "setName" in hello else None
+            self._client = client
+            self._db = client.get_default_database(
+                self._database or DEFAULT_DATABASE, write_concern=wc
+            )
+            await self._create_indexes()
+        except BaseException:
+            self._client = self._db = None
+            await client.close()
+            raise
+        self._closed = False
+        log.info("mongodb store open: database %s, write concern %s",
+                 self.db.name, self.db.write_concern.document or "server default")
+        return self
+
+    async def _create_indexes(self) -> None:
+        db = self.db
+        ttl = IndexModel([("expire_at", ASCENDING)], name="ttl", expireAfterSeconds=0)
+        await db.sims.create_indexes([
+            IndexModel([("ip", ASCENDING)], name="ip", unique=True),
+            IndexModel([("org", ASCENDING), ("_id", ASCENDING)], name="org"),
+        ])
+        await db.events.create_indexes([
+            IndexModel(
+                [("iccid", ASCENDING), ("type", ASCENDING), ("received_ms", DESCENDING),
+                 ("_id", DESCENDING)],
+                name=_HISTORY_INDEX,
+            ),
+            IndexModel([("received_ms", ASCENDING)], name="received"),
+            ttl,
+        ])
+        await db.devices.create_indexes([
+            IndexModel([("org", ASCENDING), ("_id", ASCENDING)], name="org"),
+        ])
+        await db.admin_logs.create_indexes([
+            IndexModel([("org", ASCENDING), ("timestamp_ms", ASCENDING), ("_id", ASCENDING)],
+                       name=_LOGS_BY_ORG_INDEX),
+            IndexModel([("iccid", ASCENDING), ("timestamp_ms", ASCENDING), ("_id", ASCENDING)],
+                       name=_LOGS_BY_ICCID_INDEX),
+            IndexModel([("timestamp_ms", ASCENDING)], name="timestamp"),
+            ttl,
+        ])
+
+    async def close(self) -> None:
+        """Let the queued appends finish, then disconnect."""
+        self._closed = True
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            await asyncio.wait([flusher])
+        self._flusher = None
+        if self._client is not None:
+            await self._client.close()
+        self._client = self._db = None
+
+    def _coll(self, name: str) -> AsyncCollection[Doc]:
+        return self.db[name]
+
+    def _expire_at(self, ms: int) -> datetime | None:
+        if self._retention is None:
+            return None
+        return _EPOCH + timedelta(milliseconds=ms) + self._retention
+
+    # -- SimRepository ---------------------------------------------------------------
+
+    async def find_by_ip(self, ip: str) -> Sim | None:
+        doc = await self._coll("sims").find_one({"ip": ip})
+        return _sim(doc) if doc else None
+
+    async def get(self, iccid: str) -> Sim | None:
+        doc = await self._coll("sims").find_one({"_id": iccid})
+        return _sim(doc) if doc else None
+
+    async def create(self, sim: Sim) -> None:
+        doc = {
+            "_id": sim.iccid, "imsi": sim.imsi, "ip": sim.ip, "imei": sim.imei,
+            "label": sim.label, "status": sim.status.value, "org": sim.org,
+            "created_ms": sim.created_ms, "updated_ms": sim.updated_ms,
+        }
+        try:
+            await self._coll("sims").insert_one(doc)
+        except DuplicateKeyError as exc:
+            raise _sim_conflict(exc, sim.iccid, sim.ip) from exc
+
+    async def update(self, iccid: str, changes: SimChanges, now_ms: int) -> Sim | None:
+        if changes.clear - _OPTIONAL_SIM_FIELDS:
+            raise ValueError(f"only imei and label can be cleared, not {sorted(changes.clear)}")
+        sets: Doc = {}
+        for name in ("imsi", "ip", "imei", "label", "status"):
+            val = getattr(changes, name)
+            if val is not None:
+                sets[name] = str(val)
+            elif name in changes.clear:
+                sets[name] = None
+        sets["updated_ms"] = now_ms
+        try:
+            doc = await self._coll("sims").find_one_and_update(
+                {"_id": iccid}, {"$set": sets}, return_document=ReturnDocument.AFTER
+            )
+        except DuplicateKeyError as exc:
+            raise _sim_conflict(exc, iccid, changes.ip or "") from exc
+        return _sim(doc) if doc else None
+
+    async def delete(self, iccid: str) -> bool:
+        res = await self._coll("sims").delete_one({"_id": iccid})
+        return res.deleted_count > 0
+
+    async def list(self, org: str, page: int, page_size: int) -> Page[Sim]:
+        sims = self._coll("sims")
+        total = await sims.count_documents({"org": org})
+        cursor = (
+            sims.find({"org": org})
+            .sort("_id", ASCENDING)
+            .skip(max(0, (page - 1) * page_size))
+            .limit(page_size)
+        )
+        return Page([_sim(d) async for d in cursor], page, page_amount(total, page_size))
+
+    # -- IngestStore -------------------------------------------------------------------
+
+    async def append(self, record: IngestRecord) -> None:
+        """Durably write one uplink's documents; returns after its flush was acknowledged.
+
+        Registration as `SqliteStore`: the device document is inserted only if absent
+        (`$setOnInsert` upsert) and only the caller whose upsert inserted it writes the
+        registration's LIFECYCLE event and admin log."""
+        if self._closed or self._db is None:
+            raise RuntimeError("MongoStore is closed")
+        pending = self._prepare(record)
+        self._pending.append(pending)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="mongodb-flush")
+        await pending.future
+
+    def _prepare(self, record: IngestRecord) -> _Pending:
+        loop = asyncio.get_running_loop()
+        reg = record.registration
+        # ids in the order SQLite gives seq numbers: the LIFECYCLE event before the
+        # record's events, the registration log after the record's logs
+        reg_event = self._event_doc(reg.event) if reg is not None else None
+        events = [self._event_doc(e) for e in record.events]
+        logs = [self._log_doc(e) for e in record.logs]
+        reg_log = self._log_doc(reg.log) if reg is not None else None
+        return _Pending(record, loop.create_future(), events, logs, reg_event, reg_log)
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            batch = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+            try:
+                await self._write_batch(batch)
+            except asyncio.CancelledError:
+                for p in (*batch, *self._pending):
+                    p.future.cancel()
+                self._pending.clear()
+                raise
+            except Exception as exc:
+                log.error("mongodb append of %d records failed: %s", len(batch), exc)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+            else:
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_result(None)
+
+    async def _write_batch(self, batch: builtins.list[_Pending]) -> None:
+        await self._register(batch)
+        events: list[Doc] = []
+        logs: list[Doc] = []
+        states: dict[str, DeviceState] = {}
+        for p in batch:
+            if p.registered and p.reg_event is not None:
+                events.append(p.reg_event)
+            events.extend(p.events)
+            logs.extend(p.logs)
+            if p.registered and p.reg_log is not None:
+                logs.append(p.reg_log)
+            s = p.record.state
+            if s is not None:
+                key = _state_id(s.iccid, s.protocol)
+                kept = states.get(key)
+                if kept is None or s.updated_ms >= kept.updated_ms:
+                    states[key] = s
+        writes: builtins.list[Coroutine[Any, Any, object]] = []
+        if events:
+            writes.append(self._coll("events").insert_many(events, ordered=False))
+        if logs:
+            writes.append(self._coll("admin_logs").insert_many(logs, ordered=False))
+        if states:
+            writes.append(self._write_states(list(states.values())))
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            # Not one transaction: undo this flush's registrations so the devices' retried
+            # (un-ACKed) messages register them again with their LIFECYCLE event and log.
+            ours = [p.record.registration.device.iccid for p in batch
+                    if p.registered and p.record.registration is not None]
+            if ours:
+                try:
+                    await self._coll("devices").delete_many({"_id": {"$in": ours}})
+                except Exception as exc:
+                    log.error("could not undo registration of %s: %s", ours, exc)
+            raise failed
+
+    async def _register(self, batch: builtins.list[_Pending]) -> None:
+        """Insert the absent devices; mark the records whose upsert inserted one."""
+        owners: list[_Pending] = []
+        ops: list[UpdateOne] = []
+        seen: set[str] = set()
+        for p in batch:
+            reg = p.record.registration
+            if reg is None or reg.device.iccid in seen:
+                continue  # a later record of the same new device in this batch loses
+            seen.add(reg.device.iccid)
+            d = reg.device
+            owners.append(p)
+            ops.append(UpdateOne(
+                {"_id": d.iccid},
+                {"$setOnInsert": {"org": d.org, "imsi": d.imsi, "ip": d.ip,
+                                  "first_seen_ms": d.first_seen_ms}},
+                upsert=True,
+            ))
+        if not ops:
+            return
+        try:
+            result = await self._coll("devices").bulk_write(ops, ordered=False)
+            upserted = result.upserted_ids or {}
+        except BulkWriteError as exc:
+            # a duplicate key: another writer inserted the device first (not ours)
+            _raise_unless_duplicates(exc)
+            upserted = {u["index"]: u["_id"] for u in exc.details.get("upserted", [])}
+        for index in upserted:
+            owners[index].registered = True
+
+    async def _write_states(self, states: Sequence[DeviceState]) -> None:
+        """Upsert each state unless the stored one is newer (then the upsert's insert hits
+        the `_id` and fails with a duplicate key: nothing to do)."""
+        ops = [
+            UpdateOne(
+                {"_id": _state_id(s.iccid, s.protocol), "updated_ms": {"$lte": s.updated_ms}},
+                {"$set": {"iccid": s.iccid, "protocol": s.protocol.value, "payload": s.payload,
+                          "topic": s.topic, "updated_ms": s.updated_ms}},
+                upsert=True,
+            )
+            for s in states
+        ]
+        try:
+            await self._coll("device_state").bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            _raise_unless_duplicates(exc)
+
+    def _event_doc(self, e: Event) -> Doc:
+        history = (
+            e.payload.history_text() if e.type is EventType.TELEMETRY_DATA and e.payload else None
+        )
+        doc: Doc = {
+            "_id": self._ids.next(), "id": e.id, "type": e.type.value, "org": e.org,
+            "iccid": e.device.iccid if e.device else None,
+            "protocol": e.source.value if e.source else None, "topic": e.topic,
+            "received_ms": e.received_ms, "history": history, "envelope": e.envelope_json(),
+        }
+        expire_at = self._expire_at(e.received_ms)
+        if expire_at is not None:
+            doc["expire_at"] = expire_at
+        return doc
+
+    def _log_doc(self, e: AdminLog) -> Doc:
+        doc: Doc = {
+            "_id": self._ids.next(), "id": e.id, "org": e.org, "timestamp_ms": e.timestamp_ms,
+            "type": e.type.value, "category": e.category.value, "message": e.message,
+            "description": e.description, "trace_id": e.trace_id, "iccid": e.iccid,
+            "imsi": e.imsi, "ip": e.ip,
+        }
+        expire_at = self._expire_at(e.timestamp_ms)
+        if expire_at is not None:
+            doc["expire_at"] = expire_at
+        return doc
+
+    # -- HistoryRepository ---------------------------------------------------------------
+
+    async def history(self, query: HistoryQuery) -> HistoryPage:
+        flt: Doc = {
+            "iccid": query.iccid,
+            "type": _TELEMETRY,
+            "received_ms": {"$gte": query.start_ms, "$lte": query.end_ms},
+        }
+        if query.token:
+            t_ms, t_id = _decode_history_token(query.token)
+            flt["$or"] = [
+                {"received_ms": {"$lt": t_ms}},
+                {"received_ms": t_ms, "_id": {"$lt": t_id}},
+            ]
+        if query.protocol is not None:
+            flt["protocol"] = query.protocol.value
+        cursor = (
+            self._coll("events")
+            .find(flt, {"iccid": 1, "received_ms": 1, "protocol": 1, "history": 1, "topic": 1})
+            .sort([("received_ms", DESCENDING), ("_id", DESCENDING)])
+            .limit(query.page_size + 1)
+            .hint(_HISTORY_INDEX)  # see _HISTORY_INDEX
+        )
+        docs = [d async for d in cursor]
+        more = len(docs) > query.page_size
+        docs = docs[: query.page_size]
+        items = [
+            HistoryItem(d["iccid"], d["received_ms"], Protocol(d["protocol"]), d["history"],
+                        d.get("topic"))
+            for d in docs
+        ]
+        token = encode_token([docs[-1]["received_ms"], str(docs[-1]["_id"])]) if more else None
+        return HistoryPage(items, token)
+
+    async def purge(self, before_ms: int) -> int:
+        events = await self._coll("events").delete_many({"received_ms": {"$lt": before_ms}})
+        logs = await self._coll("admin_logs").delete_many({"timestamp_ms": {"$lt": before_ms}})
+        return events.deleted_count + logs.deleted_count
+
+    # -- DeviceRepository ----------------------------------------------------------------
+
+    async def list_devices(self, query: DeviceQuery) -> Page[Device]:
+        flt: Doc = {"org": query.org}
+        if query.iccid is not None:
+            flt["_id"] = query.iccid
+        sort: dict[str, int] = {}
+        for name, desc in query.sort:
+            if name not in _DEVICE_SORT:
+                raise ValueError(f"cannot sort devices by {name!r}")
+            # a repeated field changes nothing (as in SQL's ORDER BY)
+            sort.setdefault(_DEVICE_SORT[name], DESCENDING if desc else ASCENDING)
+        sort.setdefault("_id", ASCENDING)  # a total order, so pages do not overlap
+        devices = self._coll("devices")
+        total = await devices.count_documents(flt)
+        cursor = (
+            devices.find(flt)
+            .sort(list(sort.items()))
+            .skip(max(0, (query.page - 1) * query.page_size))
+            .limit(query.page_size)
+        )
+        return Page([_device(d) async for d in cursor], query.page,
+                    page_amount(total, query.page_size))
+
+    async def get_device(self, iccid: str) -> Device | None:
+        doc = await self._coll("devices").find_one({"_id": iccid})
+        return _device(doc) if doc else None
+
+    async def is_registered(self, iccid: str) -> bool:
+        return await self._coll("devices").find_one({"_id": iccid}, {"_id": 1}) is not None
+
+    async def get_state(self, iccid: str, protocol: Protocol) -> DeviceState | None:
+        doc = await self._coll("device_state").find_one({"_id": _state_id(iccid, protocol)})
+        if doc is None:
+            return None
+        return DeviceState(iccid, protocol, doc["payload"], doc.get("topic"), doc["updated_ms"])
+
+    # -- AdminLogRepository ----------------------------------------------------------------
+
+    async def append_logs(self, logs: Sequence[AdminLog]) -> None:
+        if logs:
+            await self._coll("admin_logs").insert_many(
+                [self._log_doc(e) for e in logs], ordered=True
+            )
+
+    async def list_logs(self, query: AdminLogQuery) -> Page[AdminLog]:
+        flt: Doc = {"org": query.org}
+        for name, val in (("iccid", query.iccid), ("type", query.type),
+                          ("category", query.category)):
+            if val is not None:
+                flt[name] = val
+        span: Doc = {}
+        if query.start_ms is not None:
+            span["$gte"] = query.start_ms
+        if query.end_ms is not None:
+            span["$lte"] = query.end_ms
+        if span:
+            flt["timestamp_ms"] = span
+        # hinted: see _HISTORY_INDEX
+        index = _LOGS_BY_ICCID_INDEX if query.iccid is not None else _LOGS_BY_ORG_INDEX
+        coll = self._coll("admin_logs")
+        total = await coll.count_documents(flt, hint=index)
+        cursor = (
+            coll.find(flt)
+            .sort([("timestamp_ms", DESCENDING), ("_id", DESCENDING)])
+            .skip(max(0, (query.page - 1) * query.page_size))
+            .limit(query.page_size)
+            .hint(index)
+        )
+        items = [_admin_log(d) async for d in cursor]
+        return Page(items, query.page, page_amount(total, query.page_size))
+
+    # -- ClientRepository ----------------------------------------------------------------
+
+    async def get_client(self, client_id: str) -> ApiClient | None:
+        doc = await self._coll("api_clients").find_one({"_id": client_id})
+        if doc is None:
+            return None
+        return ApiClient(doc["_id"], doc["secret_hash"], doc["role"], doc["org"],
+                         doc["created_ms"])
+
+    async def create_client(self, client: ApiClient) -> None:
+        try:
+            await self._coll("api_clients").insert_one({
+                "_id": client.client_id, "secret_hash": client.secret_hash,
+                "role": client.role, "org": client.org, "created_ms": client.created_ms,
+            })
+        except DuplicateKeyError as exc:
+            raise Conflict(f"client {client.client_id} exists") from exc
+
+    async def count_clients(self) -> int:
+        return await self._coll("api_clients").count_documents({})
+
+    async def get_or_create_meta(self, key: str, value: str) -> str:
+        meta = self._coll("meta")
+        try:
+            doc = await meta.find_one_and_update(
+                {"_id": key}, {"$setOnInsert": {"value": value}}, upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:  # a concurrent upsert inserted it first
+            doc = await meta.find_one({"_id": key})
+        if doc is None:  # pragma: no cover - the upsert returns the document
+            raise RuntimeError(f"meta {key} vanished")
+        return str(doc["value"])
+
+
+def _state_id(iccid: str, protocol: Protocol) -> str:
+    return f"{iccid}|{protocol.value}"
+
+
+def _decode_history_token(token: str) -> tuple[int, ObjectId]:
+    t_ms, t_id = decode_token(token)
+    if not isinstance(t_ms, int) or isinstance(t_ms, bool) or not isinstance(t_id, str):
+        raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}])
+    try:
+        return t_ms, ObjectId(t_id)
+    except InvalidId as exc:
+        raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}]) from exc
+
+
+def _raise_unless_duplicates(exc: BulkWriteError) -> None:
+    details: Mapping[str, Any] = exc.details
+    if details.get("writeConcernErrors") or any(
+        err.get("code") != DUPLICATE_KEY for err in details.get("writeErrors", [])
+    ):
+        raise exc
+
+
+def _sim_conflict(exc: DuplicateKeyError, iccid: str, ip: str) -> Conflict:
+    details = exc.details or {}
+    pattern = details.get("keyPattern") or {}
+    if "ip" in pattern or (not pattern and "index: ip " in str(exc)):
+        return Conflict(f"a SIM with IP {ip} already exists")
+    return Conflict(f"SIM {iccid} already exists")
+
+
+def _sim(d: Mapping[str, Any]) -> Sim:
+    return Sim(
+        iccid=d["_id"], imsi=d["imsi"], ip=d["ip"], imei=d.get("imei"), label=d.get("label"),
+        status=SimStatus(d["status"]), org=d["org"], created_ms=d["created_ms"],
+        updated_ms=d["updated_ms"],
+    )
+
+
+def _device(d: Mapping[str, Any]) -> Device:
+    return Device(d["_id"], d["imsi"], d["ip"], d["org"], d["first_seen_ms"])
+
+
+def _admin_log(d: Mapping[str, Any]) -> AdminLog:
+    return AdminLog(
+        d["id"], d["timestamp_ms"], d["org"], LogType(d["type"]), LogCategory(d["category"]),
+        d["message"], d["description"], d.get("trace_id"), d.get("iccid"), d.get("imsi"),
+        d.get("ip"),
+    )
