@@ -1,15 +1,21 @@
 """The telemetry path: the one place that knows the order of the steps.
 
-Endpoints call `Pipeline.handle_uplink(raw)` for every framed message and answer the device
-from the returned `Ack`: identify (authenticator) -> translate (energy_saver hook) -> build
-events (1NCE envelope 1.0.0) -> durable commit -> ACK. Nothing is acknowledged before the
-store has committed it.
+Endpoints call `Pipeline.submit(raw, done)` for every framed message and answer the device
+from the `Ack` passed to `done`: identify (authenticator) -> translate (energy_saver hook)
+-> build events (1NCE envelope 1.0.0) -> durable commit -> ACK. `done` runs only after the
+store has committed the message.
+
+Hot path: when the source IP's SIM is cached and its device already registered, `submit`
+does everything synchronously and hands the record to the store's group commit: no task,
+no future per message. Otherwise (cache miss, first contact) a task awaits the lookups.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
+from collections.abc import Callable
 
 from authenticator.lookup import SimLookup
 from inspector.adminlog import AdminLogWriter
@@ -26,6 +32,7 @@ from simwire.model import (
     LogCategory,
     LogType,
     Payload,
+    Protocol,
     RawUplink,
     Sim,
     new_trace_id,
@@ -50,6 +57,20 @@ class Ack(enum.Enum):
     FAILED = "error"
 
 
+Done = Callable[[Ack], None]
+
+
+class _Counters:
+    """Metric children bound once per protocol (label lookups are not free)."""
+
+    def __init__(self, metrics: Metrics, protocol: Protocol) -> None:
+        p = protocol.value
+        self.stored = metrics.uplinks.labels(p, "stored").inc
+        self.unauthorized = metrics.uplinks.labels(p, "unauthorized").inc
+        self.error = metrics.uplinks.labels(p, "error").inc
+        self.latency = metrics.ingest_seconds.labels(p).observe
+
+
 class Pipeline:
     def __init__(
         self,
@@ -67,71 +88,123 @@ class Pipeline:
         self._translator = translator
         self._admin_logs = admin_logs
         self._clock = clock
-        self._metrics = metrics
+        self._counters = {p: _Counters(metrics, p) for p in Protocol}
         self._registered: set[str] = set()
+        self._slow: set[asyncio.Task[None]] = set()
         self._warn = RateLimitedLogger(log)
+        self.inflight = 0
+        """Uplinks submitted and not yet answered; endpoints bound it (back-pressure)."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, raw: RawUplink, done: Done | None = None) -> None:
+        """Process one uplink; `done(ack)` runs once it is committed (or refused/failed).
+
+        `done` may run before `submit` returns (refusals on the fast path)."""
+        self.inflight += 1
+        self._idle.clear()
+        hit, sim = self._lookup.cached(raw.source_ip)
+        if hit and (sim is None or not sim.enabled or sim.iccid in self._registered):
+            self._process(raw, sim, None, done)
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(raw, done))
+        self._slow.add(task)
+        task.add_done_callback(self._slow.discard)
 
     async def handle_uplink(self, raw: RawUplink) -> Ack:
-        hit, sim = self._lookup.cached(raw.source_ip)
-        if not hit:
+        """`submit` for awaiting callers (tests, tools)."""
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self.submit(raw, fut.set_result)
+        return await fut
+
+    async def drain(self) -> None:
+        """Shutdown, after the endpoints stopped receiving: wait for in-flight uplinks."""
+        await self._idle.wait()
+
+    async def _resolve(self, raw: RawUplink, done: Done | None) -> None:
+        """Slow path: SIM cache miss or a device not yet known to be registered."""
+        try:
             sim = await self._lookup.by_ip(raw.source_ip)
+            registration = None
+            if sim is not None and sim.enabled and sim.iccid not in self._registered:
+                if await self._devices.is_registered(sim.iccid):
+                    self._registered.add(sim.iccid)
+                else:
+                    registration = first_registration(sim.identity, raw.received_ms)
+        except Exception:
+            log.exception("identification failed for %s; not acknowledged", raw.source_ip)
+            self._counters[raw.protocol].error()
+            self._finish(done, Ack.FAILED)
+            return
+        self._process(raw, sim, registration, done)
+
+    def _process(
+        self, raw: RawUplink, sim: Sim | None, registration: Registration | None,
+        done: Done | None,
+    ) -> None:
         if sim is None or not sim.enabled or (
             raw.dtls_identity is not None and raw.dtls_identity != sim.iccid
         ):
             self._refuse(raw, sim)
-            return Ack.UNAUTHORIZED
-        record = await self._build(raw, sim)
-        try:
-            await self._store.append(record)
-        except Exception:
-            log.exception("store append failed; device %s not acknowledged", sim.iccid)
-            self._metrics.uplinks.labels(raw.protocol.value, "error").inc()
-            return Ack.FAILED
-        if record.registration is not None:
-            self._registered.add(sim.iccid)
-        self._metrics.uplinks.labels(raw.protocol.value, "stored").inc()
-        self._metrics.ingest_seconds.labels(raw.protocol.value).observe(
-            max(0, self._clock.now_ms() - raw.received_ms) / 1000
-        )
-        return Ack.STORED
+            self._finish(done, Ack.UNAUTHORIZED)
+            return
+        record = self._build(raw, sim, registration)
+        iccid = sim.iccid
 
-    async def _build(self, raw: RawUplink, sim: Sim) -> IngestRecord:
-        ident = DeviceIdentity(sim.iccid, sim.imsi, sim.ip, sim.org)
+        def committed(exc: BaseException | None) -> None:
+            counters = self._counters[raw.protocol]
+            if exc is not None:
+                log.error("store commit failed (%s); device %s not acknowledged", exc, iccid)
+                counters.error()
+                self._finish(done, Ack.FAILED)
+                return
+            if registration is not None:
+                self._registered.add(iccid)
+            counters.stored()
+            counters.latency(max(0, self._clock.now_ms() - raw.received_ms) / 1000)
+            self._finish(done, Ack.STORED)
+
+        self._store.submit(record, committed)
+
+    def _finish(self, done: Done | None, ack: Ack) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+        if done is not None:
+            done(ack)
+
+    def _build(
+        self, raw: RawUplink, sim: Sim, registration: Registration | None
+    ) -> IngestRecord:
+        ident = sim.identity
         now = raw.received_ms
-        events: list[Event] = []
-        logs: list[AdminLog] = []
         result = self._translator.translate(sim.org, raw)
+        logs: tuple[AdminLog, ...] = ()
         if isinstance(result, TranslationError):
             payload = Payload(raw=raw.payload)
             err_id = new_trace_id(now)
-            events.append(Event(
+            error = Event(
                 id=err_id, type=EventType.ERROR, received_ms=now, org=sim.org, device=ident,
                 body={"error": {
                     "id": err_id, "type": "DEVICE", "message": "Translator[UserPayloadError]",
                     "description": result.description, "payloadExists": True,
                 }},
-            ))
-            logs.append(AdminLog(
+            )
+            logs = (AdminLog(
                 id=err_id, timestamp_ms=now, org=sim.org, type=LogType.DEVICE,
                 category=LogCategory.ERROR, message="Translator[UserPayloadError]",
                 description=result.description, trace_id=err_id, iccid=sim.iccid,
                 imsi=sim.imsi, ip=sim.ip,
-            ))
+            ),)
         else:
-            payload = result
+            payload, error = result, None
         telemetry = Event(
             id=new_trace_id(now), type=EventType.TELEMETRY_DATA, received_ms=now, org=sim.org,
             device=ident, source=raw.protocol, topic=raw.topic, payload=payload,
         )
-        events.insert(0, telemetry)
-        state = DeviceState(sim.iccid, raw.protocol, payload.history_text(), raw.topic, now)
-        registration = None
-        if sim.iccid not in self._registered:
-            if await self._devices.is_registered(sim.iccid):
-                self._registered.add(sim.iccid)
-            else:
-                registration = first_registration(ident, now)
-        return IngestRecord(tuple(events), state, tuple(logs), registration)
+        events = (telemetry,) if error is None else (telemetry, error)
+        state = DeviceState(sim.iccid, raw.protocol, payload.text, raw.topic, now)
+        return IngestRecord(events, state, logs, registration)
 
     def _refuse(self, raw: RawUplink, sim: Sim | None) -> None:
         if sim is None:
@@ -141,7 +214,7 @@ class Pipeline:
         else:
             reason = "identity"
             desc = f"DTLS identity {raw.dtls_identity!r} does not match SIM {sim.iccid}"
-        self._metrics.uplinks.labels(raw.protocol.value, "unauthorized").inc()
+        self._counters[raw.protocol].unauthorized()
         self._warn.warning(f"{reason}:{raw.source_ip}", "%s uplink refused: %s",
                            raw.protocol.value, desc)
         self._admin_logs.add(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -94,6 +95,8 @@ class Simwire:
                 lookup, self.store, self.store, self._translator, self.admin_logs, self.clock,
                 self.metrics,
             )
+            # unwound after the endpoints close: received uplinks are committed and answered
+            stack.push_async_callback(self.pipeline.drain)
 
             api = build_api(
                 tokens, self.metrics,
@@ -119,12 +122,12 @@ class Simwire:
                 cfg.host, cfg.udp_port, self.pipeline, self.clock, self.metrics,
                 udp_endpoint.UdpConfig(max_payload=cfg.max_payload),
             )
-            stack.push_async_callback(udp.close)
+            stack.callback(udp.close)
             coap = await coap_endpoint.serve(
                 cfg.host, cfg.coap_port, self.pipeline, self.clock, self.metrics,
                 coap_endpoint.CoapConfig(max_payload=cfg.max_payload),
             )
-            stack.push_async_callback(coap.close)
+            stack.callback(coap.close)
             self.ports = BoundPorts(udp.port, coap.port, http_port)
         except BaseException:
             await stack.aclose()
@@ -173,6 +176,11 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A long-running server: move start-up objects out of the collector's sight and let
+    # the young generation grow (the hot path allocates many short-lived containers).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     print(f"simwire ready udp={app.ports.udp} coap={app.ports.coap} http={app.ports.http}",
           flush=True)
     try:

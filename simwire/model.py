@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import enum
 import json
-import os
+import random
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -20,6 +20,7 @@ ICCID_RE = re.compile(r"^[0-9]{19,20}$")
 IMSI_RE = re.compile(r"^[0-9]{15}$")
 IMEI_RE = re.compile(r"^[0-9]{14,16}$")
 DEFAULT_ORG = "default"
+_SAFE = re.compile(r"[0-9A-Za-z.:\-]*")  # needs no JSON escaping
 
 
 class Protocol(enum.StrEnum):
@@ -72,6 +73,12 @@ class Sim:
     org: str = DEFAULT_ORG
     created_ms: int = 0
     updated_ms: int = 0
+    identity: DeviceIdentity = field(init=False, repr=False, compare=False)
+    """Built once per SIM (the lookup caches SIMs): the pipeline's hot path reuses it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "identity", DeviceIdentity(self.iccid, self.imsi, self.ip,
+                                                            self.org))
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +105,12 @@ class DeviceIdentity:
     imsi: str
     ip: str
     org: str = DEFAULT_ORG
+    envelope_json: str = field(init=False, repr=False, compare=False)
+    """`to_envelope()` as compact JSON, rendered once."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "envelope_json",
+                           json.dumps(self.to_envelope(), separators=(",", ":")))
 
     def to_envelope(self) -> dict[str, str]:
         return {"iccid": self.iccid, "imsi": self.imsi, "ip": self.ip}
@@ -123,22 +136,23 @@ class Payload:
     raw: bytes
     json_value: Any = None
     translated: bool = False
+    text: str = field(init=False, repr=False, compare=False)
+    """What the history API shows: stringified JSON, or base64 of the raw bytes."""
+
+    def __post_init__(self) -> None:
+        text = (json.dumps(self.json_value, separators=(",", ":"), ensure_ascii=False)
+                if self.translated else b64(self.raw))
+        object.__setattr__(self, "text", text)
 
     def to_envelope(self, topic: str | None) -> dict[str, Any]:
         out: dict[str, Any]
         if self.translated:
             out = {"type": "JSON", "value": self.json_value}
         else:
-            out = {"type": "STRING", "value": b64(self.raw), "encoding": "base64"}
+            out = {"type": "STRING", "value": self.text, "encoding": "base64"}
         if topic is not None:
             out["topic"] = topic
         return out
-
-    def history_text(self) -> str:
-        """What the history API shows: stringified JSON, or base64 of the raw bytes."""
-        if self.translated:
-            return json.dumps(self.json_value, separators=(",", ":"), ensure_ascii=False)
-        return b64(self.raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +187,25 @@ class Event:
         return env
 
     def envelope_json(self) -> str:
+        """Compact JSON of `to_envelope()`; raw telemetry (the hot case) skips the encoder.
+
+        The fast path interpolates only JSON-safe or pre-encoded text: a checked id, the
+        device's cached JSON, base64; the topic goes through `json.dumps`."""
+        p = self.payload
+        d = self.device
+        if (
+            self.type is EventType.TELEMETRY_DATA and p is not None and not p.translated
+            and d is not None and self.source is not None and not self.body
+            and _SAFE.fullmatch(self.id)
+        ):
+            topic = "" if self.topic is None else ',"topic":' + json.dumps(self.topic)
+            return (
+                f'{{"id":"{self.id}","type":"TELEMETRY_DATA","version":"{ENVELOPE_VERSION}",'
+                f'"received":"{self.received_ms}","device":{d.envelope_json},'
+                f'"source":"{self.source.value}",'
+                f'"payload":{{"type":"STRING","value":"{p.text}","encoding":"base64"'
+                f"{topic}}}}}"
+            )
         return json.dumps(self.to_envelope(), separators=(",", ":"), ensure_ascii=False)
 
 
@@ -272,8 +305,11 @@ def b64(data: bytes) -> str:
 
 
 def new_trace_id(now_ms: int) -> str:
-    """Event/trace id in 1NCE's (AWS X-Ray) format: `1-<epoch s, 8 hex>-<24 hex>`."""
-    return f"1-{now_ms // 1000:08x}-{os.urandom(12).hex()}"
+    """Event/trace id in 1NCE's (AWS X-Ray) format: `1-<epoch s, 8 hex>-<24 hex>`.
+
+    96 random bits make collisions negligible; ids are unique, not secret (the module's
+    generator is reseeded in forked workers)."""
+    return f"1-{now_ms // 1000:08x}-{random.getrandbits(96):024x}"
 
 
 def iso_ms(epoch_ms: int, tz_offset_min: int = 0) -> str:

@@ -11,7 +11,7 @@ Who calls what:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -135,11 +135,14 @@ class SimRepository(Protocol):
 
 
 class IngestStore(Protocol):
-    async def append(self, record: IngestRecord) -> None:
-        """Durably commit one uplink's writes. Called by the pipeline before it ACKs.
+    def submit(self, record: IngestRecord, done: Callable[[BaseException | None], None]) -> None:
+        """Hot path (integrator.pipeline): queue one uplink's writes for the next group
+        commit and return at once. `done(None)` runs on the caller's event loop after the
+        commit, `done(exc)` if it failed. Never blocks, never raises."""
+        ...
 
-        Adapters group concurrent calls into one transaction (group commit); the call
-        returns only after the commit."""
+    async def append(self, record: IngestRecord) -> None:
+        """`submit` for awaiting callers: returns after the commit, raises on failure."""
         ...
 
 

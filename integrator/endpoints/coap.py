@@ -107,7 +107,6 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._protocol = protocol
         self._dedup = DedupCache(clock, EXCHANGE_LIFETIME_S, config.dedup_max_entries)
         self._transport: asyncio.DatagramTransport | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._mid = int.from_bytes(os.urandom(2), "big")
         self._warn = RateLimitedLogger(log)
         c = metrics.uplinks
@@ -181,26 +180,20 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             self._finish(msg, addr, key, coap.REQUEST_ENTITY_TOO_LARGE, "",
                          [(coap.OPT_SIZE1, coap.uint_option(self._config.max_payload))])
             return
-        if len(self._tasks) >= self._config.max_inflight:
+        if self._pipeline.inflight >= self._config.max_inflight:
             self._count_overloaded()
             return  # no dedup entry: the device's retransmission is a fresh attempt
         pending = self._dedup.put(key)
-        raw = RawUplink(self._protocol, addr[0], addr[1], msg.payload, self._clock.now_ms(), topic)
-        task = asyncio.create_task(self._ingest(raw, msg, addr, pending))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-    async def _ingest(
-        self, raw: RawUplink, msg: coap.Message, addr: tuple[str, int], reply: Reply
-    ) -> None:
-        try:
-            ack = await self._pipeline.handle_uplink(raw)
-        except Exception:
-            log.exception("pipeline failed for %s", addr[0])
-            ack = Ack.FAILED
-        data = self._response(msg, _ACK_CODES[ack], b"")
-        reply.data = data
-        self._send(data, addr)
+        def answer(ack: Ack) -> None:  # after the commit (or the refusal)
+            data = self._response(msg, _ACK_CODES[ack], b"")
+            pending.data = data
+            self._send(data, addr)
+
+        self._pipeline.submit(
+            RawUplink(self._protocol, addr[0], addr[1], msg.payload, self._clock.now_ms(), topic),
+            answer,
+        )
 
     def _finish(
         self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int], code: int,
@@ -215,6 +208,9 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         options: list[tuple[int, bytes]] | None = None,
     ) -> bytes:
         if req.mtype == coap.CON:
+            if not payload and not options:  # the hot case: a bare piggy-backed ACK
+                return bytes((0x60 | len(req.token), code, req.mid >> 8, req.mid & 0xFF)
+                             ) + req.token
             mtype, mid = coap.ACK, req.mid
         else:
             self._mid = (self._mid + 1) & 0xFFFF
@@ -225,11 +221,6 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         if self._transport is not None:
             self._transport.sendto(data, addr)
 
-    async def drain(self) -> None:
-        """Shutdown: let in-flight requests finish (they are being committed)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
 
 async def serve(
     host: str, port: int, pipeline: Pipeline, clock: Clock, metrics: Metrics,
@@ -238,9 +229,9 @@ async def serve(
     """Start the CoAP endpoint; called by simwire.app."""
     cfg = config or CoapConfig()
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
+    transport, _ = await loop.create_datagram_endpoint(
         lambda: CoapServerProtocol(pipeline, clock, metrics, cfg),
         sock=bind_udp(host, port, cfg.rcvbuf),
     )
-    return DatagramServer(transport, proto)
+    return DatagramServer(transport)
 

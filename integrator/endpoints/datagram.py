@@ -5,27 +5,21 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass
-from typing import Protocol
-
-
-class Drainable(Protocol):
-    async def drain(self) -> None: ...
 
 
 @dataclass
 class DatagramServer:
-    """A bound UDP endpoint; `close()` stops receiving and drains in-flight uplinks."""
+    """A bound UDP endpoint. `close()` stops receiving; simwire.app then drains the
+    pipeline, so uplinks already received are committed and answered."""
 
     transport: asyncio.DatagramTransport
-    protocol: Drainable
 
     @property
     def port(self) -> int:
         return int(self.transport.get_extra_info("sockname")[1])
 
-    async def close(self) -> None:
+    def close(self) -> None:
         self.transport.close()
-        await self.protocol.drain()
 
 
 def bind_udp(host: str, port: int, rcvbuf: int, reuse_port: bool = False) -> socket.socket:

@@ -35,7 +35,6 @@ class UdpIngestProtocol(asyncio.DatagramProtocol):
         self._pipeline = pipeline
         self._clock = clock
         self._config = config
-        self._tasks: set[asyncio.Task[object]] = set()
         self._warn = RateLimitedLogger(log)
         self._count_too_large = metrics.uplinks.labels("UDP", "too_large").inc
         self._count_overloaded = metrics.uplinks.labels("UDP", "overloaded").inc
@@ -46,20 +45,15 @@ class UdpIngestProtocol(asyncio.DatagramProtocol):
             self._warn.warning(f"large:{addr[0]}", "UDP datagram of %d bytes from %s dropped",
                                len(data), addr[0])
             return
-        if len(self._tasks) >= self._config.max_inflight:
+        if self._pipeline.inflight >= self._config.max_inflight:
             self._count_overloaded()
             return
-        raw = RawUplink(Protocol.UDP, addr[0], addr[1], data, self._clock.now_ms())
-        task = asyncio.create_task(self._pipeline.handle_uplink(raw))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._pipeline.submit(
+            RawUplink(Protocol.UDP, addr[0], addr[1], data, self._clock.now_ms())
+        )
 
     def error_received(self, exc: Exception) -> None:
         self._warn.warning("socket", "UDP socket error: %s", exc)
-
-    async def drain(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def serve(
@@ -69,8 +63,8 @@ async def serve(
     """Start the UDP endpoint; called by simwire.app."""
     cfg = config or UdpConfig()
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
+    transport, _ = await loop.create_datagram_endpoint(
         lambda: UdpIngestProtocol(pipeline, clock, metrics, cfg),
         sock=bind_udp(host, port, cfg.rcvbuf),
     )
-    return DatagramServer(transport, proto)
+    return DatagramServer(transport)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -150,6 +150,7 @@ class MongoStore:
         self._retention = timedelta(days=retention_days) if retention_days is not None else None
         self._ids = _Ids()
         self._pending: list[_Pending] = []
+        self._submitted: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self._client: AsyncMongoClient[Doc] | None = None
@@ -297,6 +298,17 @@ class MongoStore:
 
     # -- IngestStore -------------------------------------------------------------------
 
+    def submit(self, record: IngestRecord, done: Callable[[BaseException | None], None]) -> None:
+        """Hot-path form of `append`: `done` runs on this loop after the flush."""
+        task = asyncio.get_running_loop().create_task(self.append(record))
+        self._submitted.add(task)
+
+        def finished(t: asyncio.Task[None]) -> None:
+            self._submitted.discard(t)
+            done(asyncio.CancelledError() if t.cancelled() else t.exception())
+
+        task.add_done_callback(finished)
+
     async def append(self, record: IngestRecord) -> None:
         """Durably write one uplink's documents; returns after its flush was acknowledged.
 
@@ -431,7 +443,7 @@ class MongoStore:
 
     def _event_doc(self, e: Event) -> Doc:
         history = (
-            e.payload.history_text() if e.type is EventType.TELEMETRY_DATA and e.payload else None
+            e.payload.text if e.type is EventType.TELEMETRY_DATA and e.payload else None
         )
         doc: Doc = {
             "_id": self._ids.next(), "id": e.id, "type": e.type.value, "org": e.org,

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,7 +64,6 @@ CREATE TABLE IF NOT EXISTS events (
     history TEXT, envelope TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_history ON events (iccid, received_ms, seq)
     WHERE type = 'TELEMETRY_DATA';
-CREATE INDEX IF NOT EXISTS events_received ON events (received_ms);
 CREATE TABLE IF NOT EXISTS devices (
     iccid TEXT PRIMARY KEY, org TEXT NOT NULL, imsi TEXT NOT NULL, ip TEXT NOT NULL,
     first_seen_ms INTEGER NOT NULL) WITHOUT ROWID;
@@ -88,8 +88,12 @@ PURGE_CHUNK = 5000
 
 @dataclass(slots=True)
 class _Op:
-    fn: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any]
+    """A queued write: a closure (management) or an uplink's record (ingest)."""
+
+    fn: Callable[[sqlite3.Connection], Any] | None
+    record: IngestRecord | None
+    done: Callable[[bool, Any], None]
+    """Called on `loop` after the commit: (True, result) or (False, exception)."""
     loop: asyncio.AbstractEventLoop
 
 
@@ -146,8 +150,15 @@ class SqliteDatabase:
         """Run `fn` in the writer's next transaction; returns after the commit."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, fut, loop))
+        self._queue.put(_Op(fn, None, partial(_resolve, fut), loop))
         return await fut
+
+    def submit(
+        self, record: IngestRecord, done: Callable[[bool, Any], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Queue an uplink's record; all records of one commit share one INSERT per table."""
+        self._queue.put(_Op(None, record, done, loop))
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -187,40 +198,73 @@ class SqliteDatabase:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        results: list[tuple[bool, Any]] = []
+        results: list[tuple[_Op, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                conn.execute("SAVEPOINT op")
+            records = [op for op in batch if op.record is not None]
+            if records:
+                rows = [op.record for op in records if op.record is not None]
                 try:
-                    results.append((True, op.fn(conn)))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, exc))
+                    _isolated(conn, lambda: _write_records(conn, rows))
+                    results += [(op, True, None) for op in records]
+                except Exception:  # find the culprit: one savepoint per record
+                    for op in records:
+                        results.append(_run_one(conn, op))
+            results += [_run_one(conn, op) for op in batch if op.record is None]
             conn.execute("COMMIT")
         except Exception as exc:  # commit failed: nobody's write is durable
             log.error("sqlite commit failed: %s", exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [(False, exc)] * len(batch)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, tuple[bool, Any]]]] = {}
-        for op, res in zip(batch, results, strict=True):
-            by_loop.setdefault(op.loop, []).append((op, res))
+            results = [(op, False, exc) for op in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, bool, Any]]] = {}
+        for item in results:
+            by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_settle, items)
 
 
-def _settle(items: list[tuple[_Op, tuple[bool, Any]]]) -> None:
-    for op, (ok, value) in items:
-        if op.future.done():
-            continue
-        if ok:
-            op.future.set_result(value)
-        else:
-            op.future.set_exception(value)
+def _isolated(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    """Run `fn` in a SAVEPOINT: if it raises, its writes are undone and the rest stays."""
+    conn.execute("SAVEPOINT op")
+    try:
+        result = fn()
+    except BaseException:
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+        raise
+    conn.execute("RELEASE op")
+    return result
+
+
+def _run_one(conn: sqlite3.Connection, op: _Op) -> tuple[_Op, bool, Any]:
+    try:
+        if op.record is not None:
+            record = op.record
+            return op, True, _isolated(conn, lambda: _write_records(conn, [record]))
+        fn = op.fn
+        assert fn is not None
+        return op, True, _isolated(conn, lambda: fn(conn))
+    except Exception as exc:
+        return op, False, exc
+
+
+def _settle(items: list[tuple[_Op, bool, Any]]) -> None:
+    for op, ok, value in items:
+        try:
+            op.done(ok, value)
+        except Exception:
+            log.exception("write completion callback failed")
+
+
+def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
 
 
 def _sim(row: Sequence[Any]) -> Sim:
@@ -244,7 +288,7 @@ def _log_row(e: AdminLog) -> tuple[Any, ...]:
 
 
 def _event_row(e: Event) -> tuple[Any, ...]:
-    history = e.payload.history_text() if e.type is EventType.TELEMETRY_DATA and e.payload else None
+    history = e.payload.text if e.type is EventType.TELEMETRY_DATA and e.payload else None
     return (
         e.id, e.type.value, e.org, e.device.iccid if e.device else None,
         e.source.value if e.source else None, e.topic, e.received_ms, history, e.envelope_json(),
@@ -280,8 +324,11 @@ class SqliteStore:
 
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self.db = SqliteDatabase(path, synchronous)
+        self._loop: asyncio.AbstractEventLoop
 
     async def open(self) -> SqliteStore:
+        """Open on the running loop; `submit` answers on this loop (no lookup per call)."""
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.db.open)
         return self
 
@@ -361,8 +408,14 @@ class SqliteStore:
 
     # -- IngestStore -------------------------------------------------------------------
 
+    def submit(self, record: IngestRecord, done: Callable[[BaseException | None], None]) -> None:
+        self.db.submit(record, lambda ok, value: done(None if ok else value), self._loop)
+
     async def append(self, record: IngestRecord) -> None:
-        await self.db.write(lambda c: _write_record(c, record))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self.db.submit(record, partial(_resolve, fut), loop)
+        await fut
 
     # -- HistoryRepository ---------------------------------------------------------------
 
@@ -398,23 +451,28 @@ class SqliteStore:
         return await self.db.read(q)
 
     async def purge(self, before_ms: int) -> int:
+        """Walk the oldest rows by rowid (insertion order, which is time order but for
+        clock steps) in chunks and delete those older than `before_ms`; stop at the first
+        chunk that starts with a young row. No time index is kept just for this: a row
+        inserted after a backward clock step is purged once the rows before it are."""
         total = 0
-        while True:
-            def w(c: sqlite3.Connection) -> int:
-                n = c.execute(
-                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
-                    "WHERE received_ms < ? LIMIT ?)", (before_ms, PURGE_CHUNK),
-                ).rowcount
-                n += c.execute(
-                    "DELETE FROM admin_logs WHERE seq IN (SELECT seq FROM admin_logs "
-                    "WHERE timestamp_ms < ? LIMIT ?)", (before_ms, PURGE_CHUNK),
-                ).rowcount
-                return n
+        for table, col in (("events", "received_ms"), ("admin_logs", "timestamp_ms")):
+            while True:
+                def w(c: sqlite3.Connection, table: str = table, col: str = col) -> int:
+                    rows = c.execute(
+                        f"SELECT seq, {col} FROM {table} ORDER BY seq LIMIT ?", (PURGE_CHUNK,)
+                    ).fetchall()
+                    if not rows or rows[0][1] >= before_ms:
+                        return 0
+                    old = [(seq,) for seq, ms in rows if ms < before_ms]
+                    c.executemany(f"DELETE FROM {table} WHERE seq = ?", old)
+                    return len(old)
 
-            n = await self.db.write(w)
-            total += n
-            if n == 0:
-                return total
+                n = await self.db.write(w)
+                total += n
+                if n == 0:
+                    break
+        return total
 
     # -- DeviceRepository ----------------------------------------------------------------
 
@@ -540,37 +598,56 @@ class SqliteStore:
         return await self.db.write(w)
 
 
-def _write_record(c: sqlite3.Connection, record: IngestRecord) -> None:
-    events = list(record.events)
-    logs = list(record.logs)
-    reg = record.registration
-    if reg is not None:
-        d = reg.device
-        inserted = c.execute(
-            "INSERT OR IGNORE INTO devices VALUES (?,?,?,?,?)",
-            (d.iccid, d.org, d.imsi, d.ip, d.first_seen_ms),
-        ).rowcount
-        if inserted:
-            events.insert(0, reg.event)
-            logs.append(reg.log)
-    c.executemany(
-        "INSERT INTO events (id, type, org, iccid, protocol, topic, received_ms, history, "
-        "envelope) VALUES (?,?,?,?,?,?,?,?,?)",
-        [_event_row(e) for e in events],
-    )
-    s = record.state
-    if s is not None:
-        c.execute(
-            "INSERT INTO device_state VALUES (?,?,?,?,?) ON CONFLICT (iccid, protocol) DO "
-            "UPDATE SET payload = excluded.payload, topic = excluded.topic, "
-            "updated_ms = excluded.updated_ms WHERE excluded.updated_ms >= updated_ms",
-            (s.iccid, s.protocol.value, s.payload, s.topic, s.updated_ms),
-        )
-    if logs:
-        c.executemany(
-            f"INSERT INTO admin_logs ({_LOG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            [_log_row(e) for e in logs],
-        )
+def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> None:
+    """All records of a commit in a few multi-row statements (the group-commit fast path).
+
+    Few statements matter more than few rows: the sqlite3 module gives up the GIL around
+    every step, and taking it back competes with the event loop thread, so `executemany`
+    (one step per row) stalls under load while one multi-row INSERT does not."""
+    events: list[tuple[Any, ...]] = []
+    states: dict[tuple[str, str], tuple[Any, ...]] = {}
+    logs: list[tuple[Any, ...]] = []
+    for record in records:
+        reg = record.registration
+        if reg is not None:
+            d = reg.device
+            if c.execute(
+                "INSERT OR IGNORE INTO devices VALUES (?,?,?,?,?)",
+                (d.iccid, d.org, d.imsi, d.ip, d.first_seen_ms),
+            ).rowcount:
+                events.append(_event_row(reg.event))
+                logs.append(_log_row(reg.log))
+        events += [_event_row(e) for e in record.events]
+        st = record.state
+        if st is not None:
+            key = (st.iccid, st.protocol.value)
+            kept = states.get(key)
+            if kept is None or st.updated_ms >= kept[4]:  # equal times: the later one wins
+                states[key] = (st.iccid, st.protocol.value, st.payload, st.topic, st.updated_ms)
+        logs += [_log_row(e) for e in record.logs]
+    _insert_rows(c, "INSERT INTO events (id, type, org, iccid, protocol, topic, received_ms, "
+                    "history, envelope) VALUES ", events)
+    _insert_rows(c, "INSERT INTO device_state VALUES ", list(states.values()),
+                 " ON CONFLICT (iccid, protocol) DO UPDATE SET payload = excluded.payload, "
+                 "topic = excluded.topic, updated_ms = excluded.updated_ms "
+                 "WHERE excluded.updated_ms >= updated_ms")
+    _insert_rows(c, f"INSERT INTO admin_logs ({_LOG_COLS}) VALUES ", logs)
+
+
+ROWS_PER_STATEMENT = 256
+
+
+def _insert_rows(
+    c: sqlite3.Connection, head: str, rows: list[tuple[Any, ...]], tail: str = ""
+) -> None:
+    """`head (?,..),(?,..)... tail` in chunks; statements are cached per row count."""
+    if not rows:
+        return
+    group = "(" + ",".join("?" * len(rows[0])) + ")"
+    for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        chunk = rows[i : i + ROWS_PER_STATEMENT]
+        c.execute(head + ",".join([group] * len(chunk)) + tail,
+                  [v for row in chunk for v in row])
 
 
 def _sim_conflict(exc: sqlite3.IntegrityError, iccid: str, ip: str) -> Conflict:

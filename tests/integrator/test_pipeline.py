@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from integrator.pipeline import Ack
@@ -101,10 +102,10 @@ async def test_nothing_is_acked_when_the_store_fails(tmp_path: Path) -> None:
     async with running(tmp_path / "d", clock=ManualClock(T0)) as app:
         await app.store.create(SIM)
 
-        async def broken(record: object) -> None:
-            raise sqlite3.OperationalError("disk I/O error")
+        def broken(record: object, done: Callable[[BaseException | None], None]) -> None:
+            done(sqlite3.OperationalError("disk I/O error"))  # as a failed COMMIT reports
 
-        app.pipeline._store.append = broken  # type: ignore[method-assign]
+        app.pipeline._store.submit = broken  # type: ignore[method-assign]
         assert await app.pipeline.handle_uplink(uplink(b"x")) is Ack.FAILED
         assert app.metrics.registry.get_sample_value(
             "simwire_uplinks_total", {"protocol": "UDP", "outcome": "error"}) == 1
@@ -117,3 +118,20 @@ async def test_dtls_identity_must_match_the_sim_of_the_source_ip(tmp_path: Path)
         bad = RawUplink(Protocol.COAP, SIM.ip, 1, b"x", T0, dtls_identity="8988280666000000000")
         assert await app.pipeline.handle_uplink(good) is Ack.STORED
         assert await app.pipeline.handle_uplink(bad) is Ack.UNAUTHORIZED
+
+
+def test_fast_envelope_equals_the_generic_encoder() -> None:
+    """The hot path's fixed-shape JSON must be byte-identical to json.dumps of the dict."""
+    from simwire.model import DeviceIdentity, Event, EventType
+
+    ident = DeviceIdentity(ICCID, "901405100002864", "100.91.200.24")
+    for topic in (None, "test", "a/b_c", 'quo"te\\'):
+        for payload in (b"", b"\x00\xff" * 40, "é".encode()):
+            ev = Event(id="1-6393505d-67fa8489fb9c791fcddd43f0", type=EventType.TELEMETRY_DATA,
+                       received_ms=T0, org="default", device=ident, source=Protocol.COAP,
+                       topic=topic, payload=Payload(raw=payload))
+            generic = json.dumps(ev.to_envelope(), separators=(",", ":"), ensure_ascii=False)
+            assert ev.envelope_json() == generic
+    odd = Event(id='1-"x', type=EventType.TELEMETRY_DATA, received_ms=T0, org="default",
+                device=ident, source=Protocol.UDP, payload=Payload(raw=b"x"))
+    assert json.loads(odd.envelope_json())["id"] == '1-"x'  # unsafe id: generic encoder
