@@ -68,7 +68,7 @@ class _Counters:
         self.stored = metrics.uplinks.labels(p, "stored").inc
         self.unauthorized = metrics.uplinks.labels(p, "unauthorized").inc
         self.error = metrics.uplinks.labels(p, "error").inc
-        self.latency = metrics.ingest_seconds.labels(p).observe
+        self.latency = metrics.ingest_seconds.observer(p)
 
 
 class Pipeline:

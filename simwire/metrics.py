@@ -6,21 +6,84 @@ error...). Endpoints and the pipeline receive a `Metrics` instance from simwire.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class _Increment:
+    __slots__ = ("inc",)
+
+    def __init__(self, inc: Callable[[], None]) -> None:
+        self.inc = inc
+
+
+class UplinkCounters:
+    """`simwire_uplinks_total{protocol,outcome}` as plain ints, read at scrape time.
+
+    The hot path binds `labels(...).inc` once; an increment is a list-cell add (no lock:
+    only the event loop thread counts)."""
+
+    def __init__(self) -> None:
+        self._cells: dict[tuple[str, str], list[int]] = {}
+
+    def labels(self, protocol: str, outcome: str) -> _Increment:
+        cell = self._cells.setdefault((protocol, outcome), [0])
+
+        def inc() -> None:
+            cell[0] += 1
+
+        return _Increment(inc)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "simwire_uplinks", "Device datagrams by protocol and outcome",
+            labels=["protocol", "outcome"])
+        for (protocol, outcome), cell in sorted(self._cells.items()):
+            family.add_metric([protocol, outcome], cell[0])
+        yield family
+
+
+class LatencyHistogram:
+    """`simwire_ingest_seconds{protocol}`: receipt -> durable commit, lock-free like above."""
+
+    def __init__(self) -> None:
+        self._series: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observer(self, protocol: str) -> Callable[[float], None]:
+        counts, total = self._series.setdefault(
+            protocol, ([0] * (len(LATENCY_BUCKETS) + 1), [0.0]))
+
+        def observe(seconds: float) -> None:
+            counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            total[0] += seconds
+
+        return observe
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "simwire_ingest_seconds", "Pipeline time from receipt to durable commit",
+            labels=["protocol"])
+        for protocol, (counts, total) in sorted(self._series.items()):
+            cumulative, buckets = 0, []
+            for le, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts, strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            family.add_metric([protocol], buckets, total[0])
+        yield family
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.uplinks = Counter(
-            "simwire_uplinks", "Device datagrams by protocol and outcome",
-            ["protocol", "outcome"], registry=self.registry,
-        )
-        self.ingest_seconds = Histogram(
-            "simwire_ingest_seconds", "Pipeline time from receipt to durable commit",
-            ["protocol"], registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-        )
+        self.uplinks = UplinkCounters()
+        self.ingest_seconds = LatencyHistogram()
+        self.registry.register(self.uplinks)
+        self.registry.register(self.ingest_seconds)
         self.events = Counter(
             "simwire_events_stored", "Events committed to the store", ["type"],
             registry=self.registry,

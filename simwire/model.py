@@ -116,7 +116,7 @@ class DeviceIdentity:
         return {"iccid": self.iccid, "imsi": self.imsi, "ip": self.ip}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # hot path: immutable by convention (ADR 0004)
 class RawUplink:
     """One device message as framed by an endpoint, before identification."""
 
@@ -129,7 +129,7 @@ class RawUplink:
     dtls_identity: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # hot path: immutable by convention (ADR 0004)
 class Payload:
     """Envelope payload: translated JSON, or raw bytes rendered as base64 STRING."""
 
@@ -142,7 +142,7 @@ class Payload:
     def __post_init__(self) -> None:
         text = (json.dumps(self.json_value, separators=(",", ":"), ensure_ascii=False)
                 if self.translated else b64(self.raw))
-        object.__setattr__(self, "text", text)
+        self.text = text
 
     def to_envelope(self, topic: str | None) -> dict[str, Any]:
         out: dict[str, Any]
@@ -155,7 +155,7 @@ class Payload:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # hot path: immutable by convention (ADR 0004)
 class Event:
     """One event of the stream (1NCE envelope 1.0.0) plus the columns stores index on."""
 
@@ -264,7 +264,7 @@ class HistoryItem:
         return item
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # hot path: immutable by convention (ADR 0004)
 class DeviceState:
     """Last message per (device, protocol): the Device Inspector's state."""
 

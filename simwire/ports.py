@@ -69,7 +69,7 @@ class Registration:
     log: AdminLog
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # hot path: immutable by convention (ADR 0004)
 class IngestRecord:
     """Everything one uplink writes, in one durable transaction."""
 

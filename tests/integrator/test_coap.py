@@ -224,3 +224,16 @@ async def test_libcoap_clients(node: Simwire, binary: str) -> None:
     assert sorted(items, key=str) == sorted(
         [(base64.b64encode(b"hello").decode(), "test"), (base64.b64encode(b"non").decode(), None)],
         key=str)
+
+
+async def test_metrics_count_outcomes_and_latency(node: Simwire, dev: UdpClient) -> None:
+    await dev.request(bytes.fromhex(vector("freertos_con_post")["hex"]))
+    await dev.request(req(coap.CON, coap.POST, 77, options=[(coap.OPT_URI_QUERY, b"t=a//b")]))
+    dev.send(b"\x00")
+    await dev.expect_silence(0.2)
+    text = node.metrics.render().decode()
+    assert 'simwire_uplinks_total{outcome="stored",protocol="COAP"} 1.0' in text
+    assert 'simwire_uplinks_total{outcome="bad_request",protocol="COAP"} 1.0' in text
+    assert 'simwire_uplinks_total{outcome="malformed",protocol="COAP"} 1.0' in text
+    assert 'simwire_ingest_seconds_bucket{le="+Inf",protocol="COAP"} 1.0' in text
+    assert 'simwire_ingest_seconds_count{protocol="COAP"} 1.0' in text
