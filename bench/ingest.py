@@ -1,0 +1,586 @@
+"""Ingest benchmark: Simwire's UDP and CoAP endpoints against their natural baselines.
+
+    .venv/bin/python bench/ingest.py [--duration S] [--concurrency N] [--quick]
+
+One run measures, on 127.0.0.1 only, with the shared stdlib load generator
+(../shared/tools/coap_load.py, run as a subprocess with --json):
+
+1. the raw asyncio UDP receive ceiling: coap_load --udp with its own sink process, highest
+   offered rate with <= --loss-threshold % loss (flat-out probe, then a bounded search);
+2. Simwire's lossless UDP ingest rate: same search against `simwire serve` (SIM 127.0.0.1
+   registered through the API), counting `simwire_uplinks_total{outcome="stored",
+   protocol="UDP"}` from /metrics before and after each probe; ratio vs (1), goal >= 0.8;
+3. an aiocoap baseline (bench/aiocoap_server.py, one trivial POST resource): CON POST req/s;
+4. Simwire CoAP CON POST on `/` with the durable SQLite store, same generator parameters:
+   req/s (2.04 only), p50/p99 latency, ratio vs (3), goal >= 5x.
+
+Progress goes to stderr; stdout gets the result table, then one JSON line. Every server
+subprocess is stopped (SIGTERM, then SIGKILL after a timeout) whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+DEFAULT_LOAD_GEN = REPO.parent / "shared" / "tools" / "coap_load.py"
+HOST = "127.0.0.1"
+ADMIN_ID = "bench-admin"
+ADMIN_SECRET = "bench-secret-" + base64.urlsafe_b64encode(os.urandom(12)).decode()
+SIM = {"iccid": "8988280666000000001", "imsi": "901405100000001", "ip": HOST}
+STORED_UDP = ("UDP", "stored")
+STORED_COAP = ("COAP", "stored")
+_METRIC_RE = re.compile(r"^simwire_uplinks_total\{([^}]*)\}\s+(\S+)\s*$")
+_LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
+
+
+def note(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A server subprocess that prints a ready line on stdout; stdout is drained by a thread."""
+
+    def __init__(self, name: str, argv: list[str], ready_prefix: str, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._ready_prefix = ready_prefix
+        self._ready = threading.Event()
+        self.ready_line = ""
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if not self._ready.is_set() and line.startswith(self._ready_prefix):
+                self.ready_line = line
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._ready.wait(0.1):
+                return self.ready_line
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"{self.name} not ready (exit code {self.proc.poll()}); "
+                           f"stderr tail:\n{self.stderr_tail()}")
+
+    def stderr_tail(self, n: int = 20) -> str:
+        self._log.flush()
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    note(f"{self.name} ignored SIGTERM for {timeout:.0f} s: killing it")
+                    self.proc.kill()
+                    self.proc.wait(5)
+        finally:
+            self._reader.join(2)
+            self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running(server_factory: Callable[[], Server]) -> Iterator[Server]:
+    server = server_factory()
+    try:
+        yield server
+    finally:
+        code = server.stop()
+        if code not in (0, -signal.SIGTERM):
+            note(f"{server.name} exited with code {code}; stderr tail:\n{server.stderr_tail()}")
+
+
+def load_gen(cfg: Config, args: list[str], duration: float) -> dict[str, Any]:
+    """Run coap_load.py --json; returns its JSON object."""
+    argv = [sys.executable, str(cfg.load_gen), "--host", HOST, "--json",
+            "--payload-size", str(cfg.payload_size), *args]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
+                             check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"load generator timed out: {' '.join(argv)}") from exc
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"load generator failed ({out.returncode}): {' '.join(argv)}\n"
+                           f"{out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+# --- Simwire API -----------------------------------------------------------------------------
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+         timeout: float = 10.0) -> tuple[int, bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def register_sim(http_port: int) -> None:
+    base = f"http://{HOST}:{http_port}"
+    basic = base64.b64encode(f"{ADMIN_ID}:{ADMIN_SECRET}".encode()).decode()
+    status, raw = http("POST", f"{base}/oauth/token", {"grant_type": "client_credentials"},
+                       {"Authorization": f"Basic {basic}"})
+    if status != 200:
+        raise RuntimeError(f"POST /oauth/token -> {status}: {raw[:300]!r}")
+    token = json.loads(raw)["access_token"]
+    status, raw = http("POST", f"{base}/v1/sims", SIM, {"Authorization": f"Bearer {token}"})
+    if status not in (200, 201):
+        raise RuntimeError(f"POST /v1/sims -> {status}: {raw[:300]!r}")
+
+
+def uplink_counters(http_port: int) -> dict[tuple[str, str], float]:
+    """simwire_uplinks_total by (protocol, outcome); a missing series counts as 0."""
+    status, raw = http("GET", f"http://{HOST}:{http_port}/metrics")
+    if status != 200:
+        raise RuntimeError(f"GET /metrics -> {status}")
+    out: dict[tuple[str, str], float] = {}
+    for line in raw.decode().splitlines():
+        m = _METRIC_RE.match(line)
+        if m:
+            labels = dict(_LABEL_RE.findall(m.group(1)))
+            out[(labels.get("protocol", ""), labels.get("outcome", ""))] = float(m.group(2))
+    return out
+
+
+def wait_settled(http_port: int, key: tuple[str, str], timeout: float = 60.0,
+                 interval: float = 0.3) -> tuple[dict[tuple[str, str], float], float]:
+    """Poll /metrics until `key` stops increasing (two equal reads); returns (counters, s)."""
+    t0 = time.monotonic()
+    prev = uplink_counters(http_port)
+    while time.monotonic() - t0 < timeout:
+        time.sleep(interval)
+        cur = uplink_counters(http_port)
+        if cur.get(key, 0.0) == prev.get(key, 0.0):
+            return cur, time.monotonic() - t0
+        prev = cur
+    note(f"counter {key} still increasing after {timeout:.0f} s")
+    return prev, time.monotonic() - t0
+
+
+def simwire_server(cfg: Config, tag: str) -> Server:
+    data_dir = Path(tempfile.mkdtemp(prefix=f"simwire-{tag}-", dir=cfg.work_dir))
+    udp, coap, web = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM), free_port(
+        socket.SOCK_STREAM)
+    env = dict(os.environ, SIMWIRE_ADMIN_CLIENT_ID=ADMIN_ID,
+               SIMWIRE_ADMIN_CLIENT_SECRET=ADMIN_SECRET)
+    env.pop("SIMWIRE_SQLITE_SYNCHRONOUS", None)  # the durable default (FULL)
+    argv = [sys.executable, "-m", "simwire.cli", "serve", "--data-dir", str(data_dir),
+            "--host", HOST, "--udp-port", str(udp), "--coap-port", str(coap),
+            "--http-port", str(web), "--log-level", "WARNING"]
+    return Server(f"simwire[{tag}]", argv, "simwire ready", cfg.work_dir / f"simwire-{tag}.log",
+                  env)
+
+
+def simwire_ports(server: Server) -> dict[str, int]:
+    line = server.wait_ready()
+    ports = dict(re.findall(r"(\w+)=(\d+)", line))
+    return {k: int(v) for k, v in ports.items()}
+
+
+# --- kernel UDP counters (diagnostic) ---------------------------------------------------------
+
+
+def kernel_udp_drops() -> int | None:
+    """Linux /proc/net/snmp Udp RcvbufErrors (host-wide): datagrams dropped on full buffers."""
+    try:
+        lines = Path("/proc/net/snmp").read_text().splitlines()
+    except OSError:
+        return None
+    rows = [ln.split()[1:] for ln in lines if ln.startswith("Udp:")]
+    if len(rows) < 2 or "RcvbufErrors" not in rows[0]:
+        return None
+    return int(rows[1][rows[0].index("RcvbufErrors")])
+
+
+# --- lossless-rate search -------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    rate: float  # offered datagrams/s; 0 = flat out
+    sent: int
+    delivered: int
+    elapsed_s: float
+    send_per_s: float
+    kernel_drops: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss_pct(self) -> float:
+        return 100.0 * (self.sent - self.delivered) / self.sent if self.sent else 100.0
+
+    @property
+    def delivered_per_s(self) -> float:
+        return self.delivered / self.elapsed_s if self.elapsed_s else 0.0
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(loss_pct=round(self.loss_pct, 3), delivered_per_s=round(self.delivered_per_s, 1))
+        return d
+
+
+@dataclass
+class Search:
+    best: Probe | None
+    probes: list[Probe]
+    sender_bound: bool
+
+
+def _round_rate(r: float) -> float:
+    if r <= 0:
+        return 0.0
+    step = 10 ** max(0, len(str(int(r))) - 3)  # three significant digits
+    return float(max(step, round(r / step) * step))
+
+
+def find_lossless(probe: Callable[[float], Probe], threshold_pct: float, max_probes: int,
+                  tolerance: float = 0.04) -> Search:
+    """Flat-out probe, then a bounded search for the highest offered rate within threshold.
+
+    The flat-out goodput estimates the receiver's capacity: the first paced probe offers 90 %
+    of it; then up (x1.25) while passing, down (x0.7) while failing, bisection once both a
+    passing and a failing rate are known, until they are within `tolerance` or the probe
+    budget is spent. Returns the passing probe with the highest goodput.
+    """
+    flat = probe(0.0)
+    probes = [flat]
+    if flat.loss_pct <= threshold_pct:
+        return Search(flat, probes, sender_bound=True)
+    ceiling = flat.send_per_s
+    lo: float | None = None
+    hi: float | None = None
+    rate = _round_rate(0.9 * flat.delivered_per_s)
+    for _ in range(max_probes - 1):
+        p = probe(rate)
+        probes.append(p)
+        if p.loss_pct <= threshold_pct:
+            lo = rate
+        else:
+            hi = rate
+        if lo is not None and hi is not None:
+            if hi <= lo * (1 + tolerance):
+                break
+            nxt = _round_rate((lo + hi) / 2)
+        elif lo is not None:
+            nxt = _round_rate(min(lo * 1.25, ceiling))
+        else:
+            assert hi is not None
+            nxt = _round_rate(hi * 0.7)
+        if nxt in (lo, hi) or nxt <= 0:
+            break
+        rate = nxt
+    passing = [p for p in probes if p.loss_pct <= threshold_pct]
+    best = max(passing, key=lambda p: p.delivered_per_s) if passing else None
+    return Search(best, probes, sender_bound=False)
+
+
+def _show(tag: str, p: Probe) -> None:
+    offered = "max" if not p.rate else f"{p.rate:,.0f}/s"
+    kd = "" if p.kernel_drops is None else f" kernel-drops={p.kernel_drops}"
+    extra = "".join(f" {k}={v}" for k, v in p.extra.items())
+    note(f"{tag}: offered {offered:>10} sent {p.sent:>8} ({p.send_per_s:,.0f}/s) delivered "
+         f"{p.delivered:>8} ({p.delivered_per_s:,.0f}/s) loss {p.loss_pct:.3f} %{kd}{extra}")
+
+
+def sink_probe(cfg: Config) -> Callable[[float], Probe]:
+    def probe(rate: float) -> Probe:
+        port = free_port(socket.SOCK_DGRAM)
+        k0 = kernel_udp_drops()
+        r = load_gen(cfg, ["--udp", "--port", str(port), "--rate", str(rate), "--duration",
+                           str(cfg.probe_s), "--rcvbuf", str(cfg.rcvbuf)], cfg.probe_s)
+        k1 = kernel_udp_drops()
+        p = Probe(rate, r["sent"], r["received"], r["elapsed_s"], r["send_per_s"],
+                  None if k0 is None or k1 is None else k1 - k0,
+                  {"recv_per_s": r.get("recv_per_s")})
+        _show("raw sink", p)
+        return p
+
+    return probe
+
+
+def simwire_udp_probe(cfg: Config, ports: dict[str, int]) -> Callable[[float], Probe]:
+    def probe(rate: float) -> Probe:
+        before, _ = wait_settled(ports["http"], STORED_UDP)
+        k0 = kernel_udp_drops()
+        r = load_gen(cfg, ["--udp", "--no-sink", "--port", str(ports["udp"]), "--rate",
+                           str(rate), "--duration", str(cfg.probe_s)], cfg.probe_s)
+        at_end = uplink_counters(ports["http"])
+        after, settle_s = wait_settled(ports["http"], STORED_UDP)
+        k1 = kernel_udp_drops()
+        stored = int(after.get(STORED_UDP, 0) - before.get(STORED_UDP, 0))
+        backlog = int(after.get(STORED_UDP, 0) - at_end.get(STORED_UDP, 0))
+        others = {f"{o}": int(after.get(("UDP", o), 0) - before.get(("UDP", o), 0))
+                  for (proto, o) in after if proto == "UDP" and o != "stored"}
+        p = Probe(rate, r["sent"], stored, r["elapsed_s"], r["send_per_s"],
+                  None if k0 is None or k1 is None else k1 - k0,
+                  {"backlog_at_end": backlog, "settle_s": round(settle_s, 1),
+                   **{k: v for k, v in others.items() if v}})
+        _show("simwire udp", p)
+        return p
+
+    return probe
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    load_gen: Path
+    work_dir: Path
+    duration: float
+    probe_s: float
+    concurrency: int
+    payload_size: int
+    threshold_pct: float
+    max_probes: int
+    rcvbuf: int
+
+
+def phase_raw_udp(cfg: Config) -> Search:
+    note(f"(1) raw asyncio UDP receiver ceiling: {cfg.probe_s:g} s probes")
+    return find_lossless(sink_probe(cfg), cfg.threshold_pct, cfg.max_probes)
+
+
+def phase_simwire_udp(cfg: Config) -> Search:
+    note(f"(2) Simwire UDP lossless ingest: {cfg.probe_s:g} s probes")
+    with running(lambda: simwire_server(cfg, "udp")) as server:
+        ports = simwire_ports(server)
+        register_sim(ports["http"])
+        warm_up_udp(ports)
+        return find_lossless(simwire_udp_probe(cfg, ports), cfg.threshold_pct, cfg.max_probes)
+
+
+def warm_up_udp(ports: dict[str, int]) -> None:
+    """One datagram first: proves the SIM is registered (fails fast) and warms the caches."""
+    before = uplink_counters(ports["http"]).get(STORED_UDP, 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"bench warm-up", (HOST, ports["udp"]))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counters = uplink_counters(ports["http"])
+        if counters.get(STORED_UDP, 0) > before:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"Simwire did not store the UDP warm-up datagram: {counters}")
+
+
+def coap_run(cfg: Config, port: int, path: str, duration: float,
+             concurrency: int | None = None) -> dict[str, Any]:
+    return load_gen(cfg, ["--port", str(port), "--path", path, "--concurrency",
+                          str(concurrency or cfg.concurrency), "--duration", str(duration)],
+                    duration)
+
+
+def phase_aiocoap(cfg: Config) -> dict[str, Any]:
+    note(f"(3) aiocoap baseline: concurrency {cfg.concurrency}, {cfg.duration:g} s")
+    port = free_port(socket.SOCK_DGRAM)
+    argv = [sys.executable, str(BENCH_DIR / "aiocoap_server.py"), "--host", HOST, "--port",
+            str(port), "--path", "telemetry"]
+    with running(lambda: Server("aiocoap", argv, "aiocoap ready",
+                                cfg.work_dir / "aiocoap.log")) as server:
+        server.wait_ready()
+        check_coap(coap_run(cfg, port, "telemetry", 1.0, concurrency=1), "aiocoap")
+        r = coap_run(cfg, port, "telemetry", cfg.duration)
+    note(f"aiocoap: {r['ok_per_s']:,.0f} req/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
+         f"codes {r['codes']} timeouts {r['timeouts']}")
+    return r
+
+
+def phase_simwire_coap(cfg: Config) -> dict[str, Any]:
+    note(f"(4) Simwire CoAP CON POST /: concurrency {cfg.concurrency}, {cfg.duration:g} s")
+    with running(lambda: simwire_server(cfg, "coap")) as server:
+        ports = simwire_ports(server)
+        register_sim(ports["http"])
+        check_coap(coap_run(cfg, ports["coap"], "", 1.0, concurrency=1), "Simwire")
+        before = uplink_counters(ports["http"])
+        r = coap_run(cfg, ports["coap"], "", cfg.duration)
+        after, _ = wait_settled(ports["http"], STORED_COAP)
+        r["stored_delta"] = int(after.get(STORED_COAP, 0) - before.get(STORED_COAP, 0))
+    note(f"simwire coap: {r['ok_per_s']:,.0f} req/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
+         f"codes {r['codes']} timeouts {r['timeouts']} stored {r['stored_delta']}")
+    return r
+
+
+def check_coap(r: dict[str, Any], name: str) -> None:
+    if not r.get("ok"):
+        raise RuntimeError(f"{name} gave no 2.04 to the warm-up run: {r}")
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+def _goal(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
+           swc: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    raw_rate = raw.best.delivered_per_s if raw.best else None
+    sw_rate = sw.best.delivered_per_s if sw.best else None
+    udp_ratio = sw_rate / raw_rate if sw_rate is not None and raw_rate else None
+    coap_ratio = swc["ok_per_s"] / aio["ok_per_s"] if aio["ok_per_s"] else None
+
+    def search_note(s: Search) -> str:
+        if s.best is None:
+            return f"no probe within {cfg.threshold_pct:g} % loss ({len(s.probes)} probes)"
+        at = "flat out (sender-bound)" if s.sender_bound else f"{s.best.rate:,.0f}/s offered"
+        failing = [p.rate or p.send_per_s for p in s.probes
+                   if p.loss_pct > cfg.threshold_pct]
+        fail = f", lossy from {min(failing):,.0f}/s" if failing else ""
+        return f"at {at}, loss {s.best.loss_pct:.3f} %{fail} ({len(s.probes)} probes)"
+
+    rows = [
+        ("1", "raw asyncio UDP receiver (coap_load sink)", f"{_rate(raw_rate)} msg/s",
+         search_note(raw)),
+        ("2", "Simwire UDP lossless ingest (stored)", f"{_rate(sw_rate)} msg/s",
+         search_note(sw)),
+        ("", "  ratio (2)/(1)", "n/a" if udp_ratio is None else f"{udp_ratio:.2f}",
+         f"goal >= 0.8: {_goal(udp_ratio is not None and udp_ratio >= 0.8)}"),
+        ("3", f"aiocoap CON POST /telemetry (c={cfg.concurrency})",
+         f"{_rate(aio['ok_per_s'])} req/s",
+         f"p50 {aio['p50_ms']} ms, p99 {aio['p99_ms']} ms, timeouts {aio['timeouts']}"),
+        ("4", f"Simwire CON POST / (c={cfg.concurrency}, SQLite FULL)",
+         f"{_rate(swc['ok_per_s'])} req/s",
+         f"p50 {swc['p50_ms']} ms, p99 {swc['p99_ms']} ms, timeouts {swc['timeouts']}"),
+        ("", "  ratio (4)/(3)", "n/a" if coap_ratio is None else f"{coap_ratio:.2f}x",
+         f"goal >= 5x: {_goal(coap_ratio is not None and coap_ratio >= 5)}"),
+    ]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    print(f"Simwire ingest benchmark: payload {cfg.payload_size} B, UDP probes {cfg.probe_s:g} s "
+          f"(loss threshold {cfg.threshold_pct:g} %, rcvbuf {cfg.rcvbuf}), CoAP runs "
+          f"{cfg.duration:g} s, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"wall {wall_s:.0f} s")
+    print(f"{'#':<{w[0]}}  {'measurement':<{w[1]}}  {'result':>{w[2]}}  detail")
+    for r in rows:
+        print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]}")
+    result = {
+        "raw_udp_per_s": None if raw_rate is None else round(raw_rate, 1),
+        "simwire_udp_per_s": None if sw_rate is None else round(sw_rate, 1),
+        "udp_ratio": None if udp_ratio is None else round(udp_ratio, 3),
+        "udp_goal_met": udp_ratio is not None and udp_ratio >= 0.8,
+        "aiocoap_req_per_s": aio["ok_per_s"],
+        "simwire_coap_req_per_s": swc["ok_per_s"],
+        "coap_ratio": None if coap_ratio is None else round(coap_ratio, 3),
+        "coap_goal_met": coap_ratio is not None and coap_ratio >= 5,
+        "simwire_coap_p50_ms": swc["p50_ms"], "simwire_coap_p99_ms": swc["p99_ms"],
+        "aiocoap_p50_ms": aio["p50_ms"], "aiocoap_p99_ms": aio["p99_ms"],
+        "params": {"duration_s": cfg.duration, "probe_s": cfg.probe_s,
+                   "concurrency": cfg.concurrency, "payload_size": cfg.payload_size,
+                   "loss_threshold_pct": cfg.threshold_pct, "rcvbuf": cfg.rcvbuf,
+                   "cpus": os.cpu_count(), "python": platform.python_version()},
+        "raw_udp_probes": [p.row() for p in raw.probes],
+        "simwire_udp_probes": [p.row() for p in sw.probes],
+        "aiocoap_run": aio, "simwire_coap_run": swc, "wall_s": round(wall_s, 1),
+    }
+    print(json.dumps(result, separators=(",", ":")))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=float, help="seconds per CoAP run (default 10, quick 4)")
+    ap.add_argument("--probe-duration", type=float,
+                    help="seconds per UDP rate probe (default 4, quick 2)")
+    ap.add_argument("--concurrency", type=int, default=32, help="CoAP requests in flight")
+    ap.add_argument("--quick", action="store_true", help="shorter runs, fewer probes (< 60 s)")
+    ap.add_argument("--max-probes", type=int, help="UDP probes per search (default 6, quick 4)")
+    ap.add_argument("--loss-threshold", type=float, default=0.1, help="percent (default 0.1)")
+    ap.add_argument("--payload-size", type=int, default=64, help="bytes (default 64)")
+    ap.add_argument("--rcvbuf", type=int, default=8 * 1024 * 1024,
+                    help="sink SO_RCVBUF, bytes (default 8 MiB = Simwire's UDP endpoint)")
+    ap.add_argument("--load-gen", type=Path, default=DEFAULT_LOAD_GEN,
+                    help=f"coap_load.py (default {DEFAULT_LOAD_GEN})")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data dir and logs")
+    a = ap.parse_args(argv)
+    if not a.load_gen.is_file():
+        ap.error(f"load generator not found: {a.load_gen}")
+    work_dir = Path(tempfile.mkdtemp(prefix="simwire-bench-"))
+    cfg = Config(
+        load_gen=a.load_gen.resolve(), work_dir=work_dir,
+        duration=a.duration or (4.0 if a.quick else 10.0),
+        probe_s=a.probe_duration or (2.0 if a.quick else 4.0),
+        concurrency=a.concurrency, payload_size=a.payload_size,
+        threshold_pct=a.loss_threshold,
+        max_probes=max(1, a.max_probes or (4 if a.quick else 6)), rcvbuf=a.rcvbuf,
+    )
+    t0 = time.monotonic()
+    try:
+        raw = phase_raw_udp(cfg)
+        sw = phase_simwire_udp(cfg)
+        aio = phase_aiocoap(cfg)
+        swc = phase_simwire_coap(cfg)
+        report(cfg, raw, sw, aio, swc, time.monotonic() - t0)
+    except (RuntimeError, OSError) as exc:
+        note(f"benchmark failed: {exc}")
+        return 1
+    finally:
+        if a.keep:
+            note(f"kept {work_dir}")
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
