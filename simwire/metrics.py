@@ -9,7 +9,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -84,10 +84,6 @@ class Metrics:
         self.ingest_seconds = LatencyHistogram()
         self.registry.register(self.uplinks)
         self.registry.register(self.ingest_seconds)
-        self.events = Counter(
-            "simwire_events_stored", "Events committed to the store", ["type"],
-            registry=self.registry,
-        )
         self.api_requests = Counter(
             "simwire_api_requests", "Management API requests", ["method", "status"],
             registry=self.registry,
@@ -99,9 +95,6 @@ class Metrics:
         self.purged_rows = Counter(
             "simwire_retention_purged_rows", "Rows removed by the 7-day retention",
             registry=self.registry,
-        )
-        self.inflight = Gauge(
-            "simwire_uplinks_inflight", "Uplinks in the pipeline", registry=self.registry,
         )
 
     def render(self) -> bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from simwire.model import (
     AdminLog,
@@ -218,5 +218,3 @@ class TranslationError:
 
     description: str
 
-
-JsonObj = dict[str, Any]
