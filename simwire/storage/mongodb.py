@@ -221,6 +221,9 @@ class MongoStore:
             IndexModel([("timestamp_ms", ASCENDING)], name="timestamp"),
             ttl,
         ])
+        await db.api_clients.create_indexes([
+            IndexModel([("org", ASCENDING), ("_id", ASCENDING)], name="org"),
+        ])
 
     async def close(self) -> None:
         """Let the queued appends finish, then disconnect."""
@@ -600,18 +603,32 @@ class MongoStore:
     async def count_clients(self) -> int:
         return await self._coll("api_clients").count_documents({})
 
+    async def list_clients(self, org: str) -> builtins.list[ApiClient]:
+        cursor = self._coll("api_clients").find({"org": org}).sort("_id", 1)
+        return [ApiClient(d["_id"], d["secret_hash"], d["role"], d["org"], d["created_ms"])
+                async for d in cursor]
+
+    async def delete_client(self, client_id: str) -> bool:
+        result = await self._coll("api_clients").delete_one({"_id": client_id})
+        return result.deleted_count > 0
+
     async def get_or_create_meta(self, key: str, value: str) -> str:
+        """First writer wins. A racing upsert that loses gets DuplicateKeyError; it reads
+        again, retrying briefly: SecantusDB can report the duplicate before the winner's
+        document is visible (real MongoDB returns it on the first read)."""
         meta = self._coll("meta")
-        try:
-            doc = await meta.find_one_and_update(
-                {"_id": key}, {"$setOnInsert": {"value": value}}, upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:  # a concurrent upsert inserted it first
-            doc = await meta.find_one({"_id": key})
-        if doc is None:  # pragma: no cover - the upsert returns the document
-            raise RuntimeError(f"meta {key} vanished")
-        return str(doc["value"])
+        for attempt in range(20):
+            try:
+                doc = await meta.find_one_and_update(
+                    {"_id": key}, {"$setOnInsert": {"value": value}}, upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:  # a concurrent upsert inserted it first
+                doc = await meta.find_one({"_id": key})
+            if doc is not None:
+                return str(doc["value"])
+            await asyncio.sleep(0.005 * (attempt + 1))
+        raise RuntimeError(f"meta {key}: neither inserted nor readable after 20 attempts")
 
 
 def _state_id(iccid: str, protocol: Protocol) -> str:
