@@ -30,6 +30,7 @@ from inspector.retention import Retention
 from integrator.endpoints import coap as coap_endpoint
 from integrator.endpoints import udp as udp_endpoint
 from integrator.pipeline import Pipeline
+from simwire import clients as clients_api
 from simwire.auth import TokenService
 from simwire.clock import Clock, SystemClock
 from simwire.config import Config
@@ -101,6 +102,7 @@ class Simwire:
             api = build_api(
                 tokens, self.metrics,
                 [
+                    clients_api.routes(self.store, self.clock),
                     sims_api.routes(self.sims),
                     inspector_api.routes(self.store, self.store, self.store, self.store,
                                          self.clock),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import json
 import logging
 import queue
@@ -80,6 +81,7 @@ CREATE INDEX IF NOT EXISTS admin_logs_iccid ON admin_logs (iccid, timestamp_ms);
 CREATE TABLE IF NOT EXISTS api_clients (
     client_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, role TEXT NOT NULL,
     org TEXT NOT NULL, created_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS api_clients_org ON api_clients (org, client_id);
 """
 
 MAX_BATCH = 1024
@@ -585,6 +587,23 @@ class SqliteStore:
                 raise Conflict(f"client {client.client_id} exists") from exc
 
         await self.db.write(w)
+
+    async def list_clients(self, org: str) -> builtins.list[ApiClient]:
+        def q(c: sqlite3.Connection) -> builtins.list[ApiClient]:
+            rows = c.execute(
+                "SELECT client_id, secret_hash, role, org, created_ms FROM api_clients "
+                "WHERE org = ? ORDER BY client_id", (org,),
+            ).fetchall()
+            return [ApiClient(*r) for r in rows]
+
+        return await self.db.read(q)
+
+    async def delete_client(self, client_id: str) -> bool:
+        def w(c: sqlite3.Connection) -> bool:
+            return c.execute("DELETE FROM api_clients WHERE client_id = ?",
+                             (client_id,)).rowcount > 0
+
+        return await self.db.write(w)
 
     async def count_clients(self) -> int:
         return int(await self.db.read(

@@ -661,6 +661,17 @@ async def test_clients(store: Store) -> None:
     assert await store.count_clients() == 2
 
 
+async def test_list_and_delete_clients(store: Store) -> None:
+    for cid, org in (("b", ORG), ("a", ORG), ("c", OTHER_ORG)):
+        await store.create_client(ApiClient(cid, "h", "viewer", org, T0))
+    assert [c.client_id for c in await store.list_clients(ORG)] == ["a", "b"]
+    assert [c.client_id for c in await store.list_clients(OTHER_ORG)] == ["c"]
+    assert await store.delete_client("a") is True
+    assert await store.delete_client("a") is False
+    assert [c.client_id for c in await store.list_clients(ORG)] == ["b"]
+    assert await store.get_client("a") is None
+
+
 async def test_meta_first_writer_wins(store: Store) -> None:
     assert await store.get_or_create_meta("signing-key", "first") == "first"
     assert await store.get_or_create_meta("signing-key", "second") == "first"
