@@ -636,9 +636,7 @@ def _state_id(iccid: str, protocol: Protocol) -> str:
 
 
 def _decode_history_token(token: str) -> tuple[int, ObjectId]:
-    t_ms, t_id = decode_token(token)
-    if not isinstance(t_ms, int) or isinstance(t_ms, bool) or not isinstance(t_id, str):
-        raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}])
+    t_ms, t_id = decode_token(token, str)
     try:
         return t_ms, ObjectId(t_id)
     except InvalidId as exc:

@@ -302,17 +302,19 @@ def encode_token(values: list[Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
 
 
-def decode_token(token: str) -> list[Any]:
+def decode_token(token: str, tiebreak: type[T]) -> tuple[int, T]:
+    """Decode `encode_token([received_ms, tiebreak])`; anything else is a 400."""
+    bad = BadRequest("invalid nextToken", [{"message": "invalid nextToken"}])
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}]) from exc
+        raise bad from exc
     if (
         not isinstance(data, list) or len(data) != 2
-        or type(data[0]) is not int or type(data[1]) not in (int, str)
+        or type(data[0]) is not int or type(data[1]) is not tiebreak
     ):
-        raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}])
-    return data
+        raise bad
+    return data[0], data[1]
 
 
 def page_amount(total: int, page_size: int) -> int:
@@ -429,9 +431,7 @@ class SqliteStore:
             )
             args: list[Any] = [query.iccid, query.start_ms]
             if query.token:
-                t_ms, t_seq = decode_token(query.token)
-                if type(t_seq) is not int:
-                    raise BadRequest("invalid nextToken", [{"message": "invalid nextToken"}])
+                t_ms, t_seq = decode_token(query.token, int)
                 sql += "AND (received_ms < ? OR (received_ms = ? AND seq < ?)) "
                 args += [t_ms, t_ms, t_seq]
             sql += "AND received_ms <= ? "
