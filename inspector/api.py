@@ -11,7 +11,7 @@ from aiohttp import web
 from simwire.clock import Clock
 from simwire.errors import BadRequest, NotFound
 from simwire.http import json_response, parse_time, principal, query_int, requires
-from simwire.model import ICCID_RE, Protocol, iso_ms
+from simwire.model import ICCID_RE, Device, Protocol, Sim, iso_ms
 from simwire.ports import (
     AdminLogQuery,
     AdminLogRepository,
@@ -61,16 +61,24 @@ def routes(
 ) -> web.RouteTableDef:
     table = web.RouteTableDef()
 
-    async def owned(iccid: str, org: str) -> None:
-        """404 unless the device or its SIM belongs to `org`."""
+    async def owned(
+        iccid: str, org: str, with_sim: bool = False
+    ) -> tuple[Device | None, Sim | None]:
+        """404 unless the device or its SIM belongs to `org`; returns what it read of them
+        (the SIM only when asked or needed to decide), never another tenant's."""
         if not ICCID_RE.match(iccid):
             raise NotFound(f"device {iccid} not found")
         device = await devices.get_device(iccid)
-        if device is not None and device.org == org:
-            return
+        if device is not None and device.org != org:
+            device = None
+        if device is not None and not with_sim:
+            return device, None
         sim = await sims.get(iccid)
-        if sim is None or sim.org != org:
+        if sim is not None and sim.org != org:
+            sim = None
+        if device is None and sim is None:
             raise NotFound(f"device {iccid} not found")
+        return device, sim
 
     @table.get("/v1/inspect/devices")
     @requires("viewer")
@@ -110,13 +118,12 @@ def routes(
     @requires("viewer")
     async def get_device(request: web.Request) -> web.Response:
         iccid = request.match_info["iccid"]
-        org = principal(request).org
-        await owned(iccid, org)
-        device = await devices.get_device(iccid)
-        sim = await sims.get(iccid)
-        body = device.to_api() if device is not None else (
-            {"id": iccid, "iccid": iccid, "imsi1": sim.imsi, "ip": sim.ip} if sim else {}
-        )
+        device, sim = await owned(iccid, principal(request).org, with_sim=True)
+        if device is not None:
+            body = device.to_api()
+        else:
+            assert sim is not None  # owned() found one of them
+            body = {"id": iccid, "iccid": iccid, "imsi1": sim.imsi, "ip": sim.ip}
         if sim is not None and sim.label:
             body["name"] = sim.label
         return json_response(body)
