@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -17,6 +18,10 @@ class Clock(Protocol):
         """Seconds on a monotonic scale (timeouts, dedup lifetimes)."""
         ...
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` on this clock (retry schedules, lifetimes)."""
+        ...
+
 
 class SystemClock:
     """The real clock."""
@@ -27,6 +32,9 @@ class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
 
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
 
 class ManualClock:
     """A clock that moves only when told to; tests use it instead of sleeping."""
@@ -34,6 +42,7 @@ class ManualClock:
     def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
         self._ms = start_ms
         self._mono = 1000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def now_ms(self) -> int:
         return self._ms
@@ -41,6 +50,28 @@ class ManualClock:
     def monotonic(self) -> float:
         return self._mono
 
+    async def sleep(self, seconds: float) -> None:
+        """Returns when `advance` has moved the clock `seconds` on (yields at least once)."""
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        entry = (self._mono + seconds, asyncio.get_running_loop().create_future())
+        self._sleepers.append(entry)
+        try:
+            await entry[1]
+        finally:
+            self._sleepers.remove(entry)
+
+    @property
+    def sleeping(self) -> list[float]:
+        """Seconds left of each pending `sleep`, shortest first (tests wait on this)."""
+        return sorted(deadline - self._mono for deadline, fut in self._sleepers
+                      if not fut.done())
+
     def advance(self, seconds: float) -> None:
+        """Move time on; wakes the sleeps that are due (call on the sleepers' loop)."""
         self._ms += round(seconds * 1000)
         self._mono += seconds
+        for deadline, fut in self._sleepers:
+            if deadline <= self._mono + 1e-9 and not fut.done():
+                fut.set_result(None)

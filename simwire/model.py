@@ -300,6 +300,69 @@ class ApiClient:
     created_ms: int
 
 
+class IntegrationType(enum.StrEnum):
+    WEBHOOK = "WEBHOOK"
+    AWS = "AWS"
+
+
+class IntegrationState(enum.StrEnum):
+    """1NCE integration states (spec 4.3/4.4): created -> ROLLOUT_DONE; the first delivered
+    device event -> INTEGRATION_ACTIVE; the retry schedule exhausted -> INTEGRATION_FAILED
+    (until a restart)."""
+
+    ROLLOUT_DONE = "ROLLOUT_DONE"
+    INTEGRATION_ACTIVE = "INTEGRATION_ACTIVE"
+    INTEGRATION_FAILED = "INTEGRATION_FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    """A cloud integration (webhook or AWS IoT Core) and the event types it subscribes to.
+
+    Configuration (`name` .. `secret`) changes through the API; status (`state`, `error`,
+    `first_delivery_ms`) only through the dispatcher, so neither overwrites the other."""
+
+    id: str
+    org: str
+    type: IntegrationType
+    name: str
+    event_types: tuple[str, ...]
+    """Subscribed envelope types (all of version 1.0.0)."""
+    json_payload: bool
+    settings: dict[str, Any]
+    """Type-specific: webhook `{url, headers}`; AWS `{region, transport, ...}` (secrets
+    included: never returned by the API as stored)."""
+    secret: str
+    """Signing secret of `X-Simwire-Signature` (webhooks)."""
+    created_ms: int
+    updated_ms: int
+    state: IntegrationState = IntegrationState.ROLLOUT_DONE
+    error: str | None = None
+    first_delivery_ms: int | None = None
+    """`lastSuccessfulMessageDelivery`: the first delivered device event (1NCE semantics)."""
+
+    def config_doc(self) -> dict[str, Any]:
+        """The configuration part as stored (JSON-safe)."""
+        return {
+            "type": self.type.value, "name": self.name, "eventTypes": list(self.event_types),
+            "jsonPayload": self.json_payload, "settings": self.settings, "secret": self.secret,
+        }
+
+    @staticmethod
+    def from_doc(
+        id: str, org: str, doc: dict[str, Any], created_ms: int, updated_ms: int,
+        state: str, error: str | None, first_delivery_ms: int | None,
+    ) -> Integration:
+        """Rebuild from `config_doc()` and the status columns (store adapters)."""
+        return Integration(
+            id=id, org=org, type=IntegrationType(doc["type"]), name=doc["name"],
+            event_types=tuple(doc["eventTypes"]), json_payload=bool(doc["jsonPayload"]),
+            settings=doc["settings"], secret=doc["secret"], created_ms=created_ms,
+            updated_ms=updated_ms, state=IntegrationState(state), error=error,
+            first_delivery_ms=first_delivery_ms,
+        )
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

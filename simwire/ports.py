@@ -7,13 +7,17 @@ Who calls what:
 - `HistoryRepository`, `DeviceRepository`: inspector API (reads) and the retention task.
 - `AdminLogRepository`: everybody appends (off the hot path), the inspector API reads.
 - `ClientRepository`: simwire.auth (token endpoint, bootstrap of the first admin client).
+- `IntegrationRepository`: the integrations API (configuration) and the dispatcher (status).
+- `Outbox`: the dispatcher only. The store fills it inside the ingest write: every event
+  committed by `IngestStore` is queued for each integration of its organisation that
+  subscribes to its type, in the same durable write (ADR 0005).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from simwire.model import (
     AdminLog,
@@ -22,6 +26,8 @@ from simwire.model import (
     DeviceState,
     Event,
     HistoryItem,
+    Integration,
+    IntegrationState,
     Payload,
     RawUplink,
     Sim,
@@ -194,6 +200,67 @@ class ClientRepository(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One queued event of one integration, in delivery order."""
+
+    key: Any
+    """Adapter-specific position (`outbox_ack` takes it back)."""
+    event_id: str
+    type: str
+    iccid: str | None
+    source: str | None
+    topic: str | None
+    envelope: str
+    """The event's JSON envelope as stored."""
+
+
+class IntegrationRepository(Protocol):
+    async def create_integration(self, integration: Integration) -> None: ...
+
+    async def get_integration(self, integration_id: str) -> Integration | None: ...
+
+    async def list_integrations(self, org: str, page: int, page_size: int) -> Page[Integration]:
+        """One organisation's integrations, oldest first."""
+        ...
+
+    async def all_integrations(self) -> list[Integration]:
+        """Every organisation's (the dispatcher, at start)."""
+        ...
+
+    async def update_integration(self, integration: Integration) -> Integration | None:
+        """Replace the configuration (name, event types, settings...) and the subscriptions;
+        status fields are kept as stored. Returns the stored result, None if absent."""
+        ...
+
+    async def set_integration_status(
+        self, integration_id: str, state: IntegrationState, error: str | None,
+        delivered_ms: int | None = None,
+    ) -> Integration | None:
+        """The dispatcher's status change; `delivered_ms` sets `first_delivery_ms` if unset."""
+        ...
+
+    async def delete_integration(self, integration_id: str) -> bool:
+        """Also drops the integration's outbox."""
+        ...
+
+
+class Outbox(Protocol):
+    async def outbox_fetch(self, integration_id: str, limit: int) -> list[OutboxItem]:
+        """The oldest queued events of an integration (at most `limit`), in commit order."""
+        ...
+
+    async def outbox_ack(self, integration_id: str, keys: Sequence[Any]) -> None:
+        """Remove delivered items (idempotent)."""
+        ...
+
+    async def outbox_depth(self, integration_id: str) -> int: ...
+
+    def on_outbox(self, callback: Callable[[], None]) -> None:
+        """Have `callback` run (on the store's loop) after each commit that queued items."""
+        ...
+
+
 class Store(
     SimRepository,
     IngestStore,
@@ -201,6 +268,8 @@ class Store(
     DeviceRepository,
     AdminLogRepository,
     ClientRepository,
+    IntegrationRepository,
+    Outbox,
     Protocol,
 ):
     """One storage backend; `simwire.storage.open_store` picks the adapter."""

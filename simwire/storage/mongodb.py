@@ -13,6 +13,13 @@ Collections (in the database named by the URL path, else the `database` argument
 - `admin_logs`: `_id` = a growing ObjectId (the list tiebreak); indexes
   `(org, timestamp_ms, _id)`, `(iccid, timestamp_ms, _id)`, `timestamp_ms`, TTL on `expire_at`.
 - `api_clients`: `_id` = client id; `meta`: `_id` = key.
+- `integrations`: `_id` = integration id, index `(org, created_ms, _id)`.
+- `outbox`: one document per (queued event, integration): `_id` = a growing ObjectId (the
+  delivery order), `i` = integration id, the event's id, type, ICCID, source, topic and
+  envelope; index `(i, _id)`, TTL on `expire_at` like the events. The flush that inserts
+  the events inserts their outbox documents, for the subscriptions it knows: a cache of
+  the integrations, reloaded when older than `SUBSCRIPTIONS_TTL_S` and at once after this
+  store changed one (another process's new integration is seen within that time).
 
 `append` groups concurrent calls (group commit, like the SQLite writer): the records queued
 while a flush is in flight are written by the next flush with one `bulk_write`/`insert_many`
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,6 +57,8 @@ from simwire.model import (
     Event,
     EventType,
     HistoryItem,
+    Integration,
+    IntegrationState,
     LogCategory,
     LogType,
     Protocol,
@@ -61,6 +71,7 @@ from simwire.ports import (
     HistoryPage,
     HistoryQuery,
     IngestRecord,
+    OutboxItem,
     Page,
     SimChanges,
 )
@@ -72,6 +83,7 @@ Doc = dict[str, Any]
 DEFAULT_DATABASE = "simwire"
 DEFAULT_RETENTION_DAYS = 7
 MAX_BATCH = 1024
+SUBSCRIPTIONS_TTL_S = 1.0
 DUPLICATE_KEY = 11000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TELEMETRY = EventType.TELEMETRY_DATA.value
@@ -82,6 +94,7 @@ _HISTORY_INDEX = "history"
 index by itself but then drops the keys equal to the range's inclusive far bound when a
 field follows the ranged one in the index (e.g. `received_ms >= start` misses the events at
 exactly `start`); with a hint it scans correctly. On MongoDB the hint changes nothing."""
+_OUTBOX_INDEX = "integration"
 _LOGS_BY_ORG_INDEX = "org"
 _LOGS_BY_ICCID_INDEX = "iccid"
 
@@ -155,6 +168,9 @@ class MongoStore:
         self._closed = False
         self._client: AsyncMongoClient[Doc] | None = None
         self._db: AsyncDatabase[Doc] | None = None
+        self._subs: dict[str, builtins.list[tuple[str, frozenset[str]]]] | None = None
+        self._subs_loaded = 0.0
+        self._outbox_listener: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -223,6 +239,15 @@ class MongoStore:
         ])
         await db.api_clients.create_indexes([
             IndexModel([("org", ASCENDING), ("_id", ASCENDING)], name="org"),
+        ])
+        await db.integrations.create_indexes([
+            IndexModel([("org", ASCENDING), ("created_ms", ASCENDING), ("_id", ASCENDING)],
+                       name="org"),
+        ])
+        await db.outbox.create_indexes([
+            IndexModel([("i", ASCENDING), ("_id", ASCENDING)], name=_OUTBOX_INDEX),
+            IndexModel([("r", ASCENDING)], name="received"),
+            ttl,
         ])
 
     async def close(self) -> None:
@@ -377,8 +402,11 @@ class MongoStore:
                 if kept is None or s.updated_ms >= kept.updated_ms:
                     states[key] = s
         writes: builtins.list[Coroutine[Any, Any, object]] = []
+        outbox = self._outbox_docs(events, await self._subscriptions()) if events else []
         if events:
             writes.append(self._coll("events").insert_many(events, ordered=False))
+        if outbox:
+            writes.append(self._coll("outbox").insert_many(outbox, ordered=False))
         if logs:
             writes.append(self._coll("admin_logs").insert_many(logs, ordered=False))
         if states:
@@ -396,6 +424,38 @@ class MongoStore:
                 except Exception as exc:
                     log.error("could not undo registration of %s: %s", ours, exc)
             raise failed
+        if outbox and self._outbox_listener is not None:
+            self._outbox_listener()
+
+    async def _subscriptions(self) -> dict[str, builtins.list[tuple[str, frozenset[str]]]]:
+        """org -> [(integration id, subscribed types)], cached (see the module docstring)."""
+        if self._subs is None or time.monotonic() - self._subs_loaded > SUBSCRIPTIONS_TTL_S:
+            subs: dict[str, builtins.list[tuple[str, frozenset[str]]]] = {}
+            async for d in self._coll("integrations").find({}, {"org": 1, "config": 1}):
+                subs.setdefault(d["org"], []).append(
+                    (d["_id"], frozenset(d["config"]["eventTypes"])))
+            self._subs, self._subs_loaded = subs, time.monotonic()
+        return self._subs
+
+    def _outbox_docs(
+        self, events: builtins.list[Doc],
+        subs: dict[str, builtins.list[tuple[str, frozenset[str]]]],
+    ) -> builtins.list[Doc]:
+        if not subs:
+            return []
+        docs: builtins.list[Doc] = []
+        for e in events:
+            for iid, types in subs.get(e["org"], ()):
+                if e["type"] in types:
+                    doc: Doc = {
+                        "_id": self._ids.next(), "i": iid, "e": e["id"], "t": e["type"],
+                        "c": e["iccid"], "s": e["protocol"], "p": e["topic"],
+                        "v": e["envelope"], "r": e["received_ms"],
+                    }
+                    if "expire_at" in e:
+                        doc["expire_at"] = e["expire_at"]
+                    docs.append(doc)
+        return docs
 
     async def _register(self, batch: builtins.list[_Pending]) -> None:
         """Insert the absent devices; mark the records whose upsert inserted one."""
@@ -508,6 +568,10 @@ class MongoStore:
     async def purge(self, before_ms: int) -> int:
         events = await self._coll("events").delete_many({"received_ms": {"$lt": before_ms}})
         logs = await self._coll("admin_logs").delete_many({"timestamp_ms": {"$lt": before_ms}})
+        outbox = await self._coll("outbox").delete_many({"r": {"$lt": before_ms}})
+        if outbox.deleted_count:
+            log.warning("retention purge dropped %d undelivered outbox items",
+                        outbox.deleted_count)
         return events.deleted_count + logs.deleted_count
 
     # -- DeviceRepository ----------------------------------------------------------------
@@ -582,6 +646,92 @@ class MongoStore:
         items = [_admin_log(d) async for d in cursor]
         return Page(items, query.page, page_amount(total, query.page_size))
 
+    # -- IntegrationRepository -----------------------------------------------------------
+
+    async def create_integration(self, integration: Integration) -> None:
+        i = integration
+        try:
+            await self._coll("integrations").insert_one({
+                "_id": i.id, "org": i.org, "config": i.config_doc(), "created_ms": i.created_ms,
+                "updated_ms": i.updated_ms, "state": i.state.value, "error": i.error,
+                "first_delivery_ms": i.first_delivery_ms,
+            })
+        except DuplicateKeyError as exc:
+            raise Conflict(f"integration {i.id} exists") from exc
+        self._subs = None
+
+    async def get_integration(self, integration_id: str) -> Integration | None:
+        doc = await self._coll("integrations").find_one({"_id": integration_id})
+        return _integration(doc) if doc else None
+
+    async def list_integrations(self, org: str, page: int, page_size: int) -> Page[Integration]:
+        coll = self._coll("integrations")
+        total = await coll.count_documents({"org": org})
+        cursor = (
+            coll.find({"org": org}).sort([("created_ms", ASCENDING), ("_id", ASCENDING)])
+            .skip(max(0, (page - 1) * page_size)).limit(page_size)
+        )
+        return Page([_integration(d) async for d in cursor], page,
+                    page_amount(total, page_size))
+
+    async def all_integrations(self) -> builtins.list[Integration]:
+        cursor = self._coll("integrations").find({}).sort(
+            [("created_ms", ASCENDING), ("_id", ASCENDING)])
+        return [_integration(d) async for d in cursor]
+
+    async def update_integration(self, integration: Integration) -> Integration | None:
+        doc = await self._coll("integrations").find_one_and_update(
+            {"_id": integration.id},
+            {"$set": {"config": integration.config_doc(),
+                      "updated_ms": integration.updated_ms}},
+            return_document=ReturnDocument.AFTER,
+        )
+        self._subs = None
+        return _integration(doc) if doc else None
+
+    async def set_integration_status(
+        self, integration_id: str, state: IntegrationState, error: str | None,
+        delivered_ms: int | None = None,
+    ) -> Integration | None:
+        coll = self._coll("integrations")
+        sets: Doc = {"state": state.value, "error": error}
+        doc = await coll.find_one_and_update(
+            {"_id": integration_id}, {"$set": sets}, return_document=ReturnDocument.AFTER)
+        if doc is not None and delivered_ms is not None and doc.get("first_delivery_ms") is None:
+            doc = await coll.find_one_and_update(
+                {"_id": integration_id, "first_delivery_ms": None},
+                {"$set": {"first_delivery_ms": delivered_ms}},
+                return_document=ReturnDocument.AFTER,
+            ) or await coll.find_one({"_id": integration_id})
+        return _integration(doc) if doc else None
+
+    async def delete_integration(self, integration_id: str) -> bool:
+        result = await self._coll("integrations").delete_one({"_id": integration_id})
+        self._subs = None
+        await self._coll("outbox").delete_many({"i": integration_id})
+        return result.deleted_count > 0
+
+    # -- Outbox --------------------------------------------------------------------------
+
+    async def outbox_fetch(self, integration_id: str, limit: int) -> builtins.list[OutboxItem]:
+        cursor = (
+            self._coll("outbox").find({"i": integration_id}).sort("_id", ASCENDING)
+            .limit(limit).hint(_OUTBOX_INDEX)
+        )
+        return [OutboxItem(d["_id"], d["e"], d["t"], d["c"], d["s"], d["p"], d["v"])
+                async for d in cursor]
+
+    async def outbox_ack(self, integration_id: str, keys: Sequence[Any]) -> None:
+        if keys:
+            await self._coll("outbox").delete_many(
+                {"i": integration_id, "_id": {"$in": list(keys)}})
+
+    async def outbox_depth(self, integration_id: str) -> int:
+        return await self._coll("outbox").count_documents({"i": integration_id})
+
+    def on_outbox(self, callback: Callable[[], None]) -> None:
+        self._outbox_listener = callback
+
     # -- ClientRepository ----------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> ApiClient | None:
@@ -629,6 +779,12 @@ class MongoStore:
                 return str(doc["value"])
             await asyncio.sleep(0.005 * (attempt + 1))
         raise RuntimeError(f"meta {key}: neither inserted nor readable after 20 attempts")
+
+
+def _integration(d: Mapping[str, Any]) -> Integration:
+    return Integration.from_doc(d["_id"], d["org"], d["config"], d["created_ms"],
+                                d["updated_ms"], d["state"], d.get("error"),
+                                d.get("first_delivery_ms"))
 
 
 def _state_id(iccid: str, protocol: Protocol) -> str:

@@ -33,6 +33,8 @@ from simwire.model import (
     Event,
     EventType,
     HistoryItem,
+    Integration,
+    IntegrationState,
     LogCategory,
     LogType,
     Protocol,
@@ -45,6 +47,7 @@ from simwire.ports import (
     HistoryPage,
     HistoryQuery,
     IngestRecord,
+    OutboxItem,
     Page,
     SimChanges,
 )
@@ -82,6 +85,17 @@ CREATE TABLE IF NOT EXISTS api_clients (
     client_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, role TEXT NOT NULL,
     org TEXT NOT NULL, created_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS api_clients_org ON api_clients (org, client_id);
+CREATE TABLE IF NOT EXISTS integrations (
+    id TEXT PRIMARY KEY, org TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL, state TEXT NOT NULL, error TEXT, first_delivery_ms INTEGER,
+    config TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS integrations_org ON integrations (org, created_ms);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    org TEXT NOT NULL, type TEXT NOT NULL, integration TEXT NOT NULL,
+    PRIMARY KEY (org, type, integration)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    integration TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (integration, seq)) WITHOUT ROWID;
 """
 
 MAX_BATCH = 1024
@@ -117,6 +131,8 @@ class SqliteDatabase:
         self._reader_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        self.outbox_listener: tuple[asyncio.AbstractEventLoop, Callable[[], None]] | None = None
+        """Called (on its loop) after a commit that queued outbox items."""
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -201,17 +217,20 @@ class SqliteDatabase:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         results: list[tuple[_Op, bool, Any]] = []
+        queued = False
         try:
             conn.execute("BEGIN IMMEDIATE")
             records = [op for op in batch if op.record is not None]
             if records:
                 rows = [op.record for op in records if op.record is not None]
                 try:
-                    _isolated(conn, lambda: _write_records(conn, rows))
+                    queued = _isolated(conn, lambda: _write_records(conn, rows)) > 0
                     results += [(op, True, None) for op in records]
                 except Exception:  # find the culprit: one savepoint per record
                     for op in records:
-                        results.append(_run_one(conn, op))
+                        item = _run_one(conn, op)
+                        queued |= item[1] and bool(item[2])
+                        results.append((op, item[1], None if item[1] else item[2]))
             results += [_run_one(conn, op) for op in batch if op.record is None]
             conn.execute("COMMIT")
         except Exception as exc:  # commit failed: nobody's write is durable
@@ -219,6 +238,10 @@ class SqliteDatabase:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             results = [(op, False, exc) for op in batch]
+            queued = False
+        listener = self.outbox_listener
+        if queued and listener is not None and not listener[0].is_closed():
+            listener[0].call_soon_threadsafe(listener[1])
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, bool, Any]]] = {}
         for item in results:
             by_loop.setdefault(item[0].loop, []).append(item)
@@ -468,6 +491,8 @@ class SqliteStore:
                         return 0
                     old = [(seq,) for seq, ms in rows if ms < before_ms]
                     c.executemany(f"DELETE FROM {table} WHERE seq = ?", old)
+                    if table == "events":
+                        _expire_outbox(c, old[0][0], old[-1][0])
                     return len(old)
 
                 n = await self.db.write(w)
@@ -563,6 +588,130 @@ class SqliteStore:
 
         return await self.db.read(q)
 
+    # -- IntegrationRepository -----------------------------------------------------------
+
+    async def create_integration(self, integration: Integration) -> None:
+        i = integration
+
+        def w(c: sqlite3.Connection) -> None:
+            try:
+                c.execute(
+                    "INSERT INTO integrations VALUES (?,?,?,?,?,?,?,?)",
+                    (i.id, i.org, i.created_ms, i.updated_ms, i.state.value, i.error,
+                     i.first_delivery_ms, json.dumps(i.config_doc())),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"integration {i.id} exists") from exc
+            _subscribe(c, i)
+
+        await self.db.write(w)
+
+    async def get_integration(self, integration_id: str) -> Integration | None:
+        def q(c: sqlite3.Connection) -> Integration | None:
+            row = c.execute(f"SELECT {_INTEGRATION_COLS} FROM integrations WHERE id = ?",
+                            (integration_id,)).fetchone()
+            return _integration(row) if row else None
+
+        return await self.db.read(q)
+
+    async def list_integrations(self, org: str, page: int, page_size: int) -> Page[Integration]:
+        def q(c: sqlite3.Connection) -> Page[Integration]:
+            total = c.execute("SELECT count(*) FROM integrations WHERE org = ?",
+                              (org,)).fetchone()[0]
+            rows = c.execute(
+                f"SELECT {_INTEGRATION_COLS} FROM integrations WHERE org = ? "
+                "ORDER BY created_ms, id LIMIT ? OFFSET ?",
+                (org, page_size, (page - 1) * page_size),
+            ).fetchall()
+            return Page([_integration(r) for r in rows], page, page_amount(total, page_size))
+
+        return await self.db.read(q)
+
+    async def all_integrations(self) -> builtins.list[Integration]:
+        def q(c: sqlite3.Connection) -> builtins.list[Integration]:
+            rows = c.execute(f"SELECT {_INTEGRATION_COLS} FROM integrations "
+                             "ORDER BY created_ms, id").fetchall()
+            return [_integration(r) for r in rows]
+
+        return await self.db.read(q)
+
+    async def update_integration(self, integration: Integration) -> Integration | None:
+        i = integration
+
+        def w(c: sqlite3.Connection) -> Integration | None:
+            if not c.execute(
+                "UPDATE integrations SET config = ?, updated_ms = ? WHERE id = ?",
+                (json.dumps(i.config_doc()), i.updated_ms, i.id),
+            ).rowcount:
+                return None
+            c.execute("DELETE FROM subscriptions WHERE integration = ?", (i.id,))
+            _subscribe(c, i)
+            row = c.execute(f"SELECT {_INTEGRATION_COLS} FROM integrations WHERE id = ?",
+                            (i.id,)).fetchone()
+            return _integration(row)
+
+        return await self.db.write(w)
+
+    async def set_integration_status(
+        self, integration_id: str, state: IntegrationState, error: str | None,
+        delivered_ms: int | None = None,
+    ) -> Integration | None:
+        def w(c: sqlite3.Connection) -> Integration | None:
+            c.execute(
+                "UPDATE integrations SET state = ?, error = ?, "
+                "first_delivery_ms = coalesce(first_delivery_ms, ?) WHERE id = ?",
+                (state.value, error, delivered_ms, integration_id),
+            )
+            row = c.execute(f"SELECT {_INTEGRATION_COLS} FROM integrations WHERE id = ?",
+                            (integration_id,)).fetchone()
+            return _integration(row) if row else None
+
+        return await self.db.write(w)
+
+    async def delete_integration(self, integration_id: str) -> bool:
+        def w(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM subscriptions WHERE integration = ?", (integration_id,))
+            c.execute("DELETE FROM outbox WHERE integration = ?", (integration_id,))
+            return c.execute("DELETE FROM integrations WHERE id = ?",
+                             (integration_id,)).rowcount > 0
+
+        return await self.db.write(w)
+
+    # -- Outbox --------------------------------------------------------------------------
+
+    async def outbox_fetch(self, integration_id: str, limit: int) -> builtins.list[OutboxItem]:
+        def q(c: sqlite3.Connection) -> builtins.list[OutboxItem]:
+            rows = c.execute(
+                "SELECT o.seq, e.id, e.type, e.iccid, e.protocol, e.topic, e.envelope "
+                "FROM outbox o JOIN events e ON e.seq = o.seq WHERE o.integration = ? "
+                "ORDER BY o.seq LIMIT ?", (integration_id, limit),
+            ).fetchall()
+            return [OutboxItem(*r) for r in rows]
+
+        return await self.db.read(q)
+
+    async def outbox_ack(self, integration_id: str, keys: Sequence[Any]) -> None:
+        seqs = [int(k) for k in keys]
+
+        def w(c: sqlite3.Connection) -> None:
+            for i in range(0, len(seqs), ROWS_PER_STATEMENT):
+                chunk = seqs[i : i + ROWS_PER_STATEMENT]
+                c.execute(
+                    f"DELETE FROM outbox WHERE integration = ? AND seq IN "
+                    f"({','.join('?' * len(chunk))})", (integration_id, *chunk),
+                )
+
+        if seqs:
+            await self.db.write(w)
+
+    async def outbox_depth(self, integration_id: str) -> int:
+        return int(await self.db.read(lambda c: c.execute(
+            "SELECT count(*) FROM outbox WHERE integration = ?", (integration_id,)
+        ).fetchone()[0]))
+
+    def on_outbox(self, callback: Callable[[], None]) -> None:
+        self.db.outbox_listener = (self._loop, callback)
+
     # -- ClientRepository ----------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> ApiClient | None:
@@ -617,8 +766,13 @@ class SqliteStore:
         return await self.db.write(w)
 
 
-def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> None:
-    """All records of a commit in a few multi-row statements (the group-commit fast path).
+def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:
+    """All records of a commit in a few multi-row statements (the group-commit fast path);
+    returns the number of outbox items queued.
+
+    The outbox is filled by one INSERT ... SELECT joining the new events with the
+    subscriptions table, in this transaction: whatever the integrations are at commit time
+    is what the events are queued for, with any number of writer processes.
 
     Few statements matter more than few rows: the sqlite3 module gives up the GIL around
     every step, and taking it back competes with the event loop thread, so `executemany`
@@ -644,13 +798,22 @@ def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> None:
             if kept is None or st.updated_ms >= kept[4]:  # equal times: the later one wins
                 states[key] = (st.iccid, st.protocol.value, st.payload, st.topic, st.updated_ms)
         logs += [_log_row(e) for e in record.logs]
-    _insert_rows(c, "INSERT INTO events (id, type, org, iccid, protocol, topic, received_ms, "
-                    "history, envelope) VALUES ", events)
+    queued = 0
+    if events:
+        last = c.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+        _insert_rows(c, "INSERT INTO events (id, type, org, iccid, protocol, topic, "
+                        "received_ms, history, envelope) VALUES ", events)
+        queued = c.execute(
+            "INSERT INTO outbox (integration, seq) SELECT s.integration, e.seq FROM events e "
+            "JOIN subscriptions s ON s.org = e.org AND s.type = e.type WHERE e.seq > ?",
+            (last,),
+        ).rowcount
     _insert_rows(c, "INSERT INTO device_state VALUES ", list(states.values()),
                  " ON CONFLICT (iccid, protocol) DO UPDATE SET payload = excluded.payload, "
                  "topic = excluded.topic, updated_ms = excluded.updated_ms "
                  "WHERE excluded.updated_ms >= updated_ms")
     _insert_rows(c, f"INSERT INTO admin_logs ({_LOG_COLS}) VALUES ", logs)
+    return queued
 
 
 ROWS_PER_STATEMENT = 256
@@ -667,6 +830,28 @@ def _insert_rows(
         chunk = rows[i : i + ROWS_PER_STATEMENT]
         c.execute(head + ",".join([group] * len(chunk)) + tail,
                   [v for row in chunk for v in row])
+
+
+_INTEGRATION_COLS = "id, org, config, created_ms, updated_ms, state, error, first_delivery_ms"
+
+
+def _integration(row: Sequence[Any]) -> Integration:
+    return Integration.from_doc(row[0], row[1], json.loads(row[2]), *row[3:])
+
+
+def _subscribe(c: sqlite3.Connection, i: Integration) -> None:
+    c.executemany("INSERT OR IGNORE INTO subscriptions VALUES (?,?,?)",
+                  [(i.org, t, i.id) for t in i.event_types])
+
+
+def _expire_outbox(c: sqlite3.Connection, first_seq: int, last_seq: int) -> None:
+    """Purge: drop the outbox items whose event is gone (never delivered within retention)."""
+    n = c.execute(
+        "DELETE FROM outbox WHERE seq BETWEEN ? AND ? AND NOT EXISTS "
+        "(SELECT 1 FROM events e WHERE e.seq = outbox.seq)", (first_seq, last_seq),
+    ).rowcount
+    if n:
+        log.warning("retention purge dropped %d undelivered outbox items", n)
 
 
 def _sim_conflict(exc: sqlite3.IntegrityError, iccid: str, ip: str) -> Conflict:
