@@ -29,6 +29,10 @@ from inspector.adminlog import AdminLogWriter
 from inspector.retention import Retention
 from integrator.endpoints import coap as coap_endpoint
 from integrator.endpoints import udp as udp_endpoint
+from integrator.forwarders import api as integrations_api
+from integrator.forwarders.dispatcher import Dispatcher, ForwarderConfig
+from integrator.forwarders.service import Integrations, Limits
+from integrator.forwarders.sinks import SinkFactory, SinkSettings
 from integrator.pipeline import Pipeline
 from simwire import clients as clients_api
 from simwire.auth import TokenService
@@ -65,6 +69,7 @@ class Simwire:
         self.sims: SimManagement
         self.retention: Retention
         self.admin_logs: AdminLogWriter
+        self.dispatcher: Dispatcher
         self.ports: BoundPorts
         self.http_app: web.Application
         self.generated_admin: tuple[str, str] | None = None
@@ -99,6 +104,17 @@ class Simwire:
             # unwound after the endpoints close: received uplinks are committed and answered
             stack.push_async_callback(self.pipeline.drain)
 
+            sinks = SinkFactory(self.clock, SinkSettings(
+                cfg.delivery_timeout_s, cfg.delivery_concurrency, cfg.webhook_ca_file))
+            self.dispatcher = Dispatcher(
+                self.store, sinks.build, self.clock, self.metrics,
+                ForwarderConfig(cfg.retry_schedule(), cfg.delivery_concurrency),
+            )
+            await self.dispatcher.start()
+            stack.push_async_callback(self.dispatcher.stop)
+            integrations = Integrations(self.store, self.dispatcher, self.clock,
+                                        Limits(allow_http=cfg.webhook_allow_http))
+
             api = build_api(
                 tokens, self.metrics,
                 [
@@ -106,6 +122,7 @@ class Simwire:
                     sims_api.routes(self.sims),
                     inspector_api.routes(self.store, self.store, self.store, self.store,
                                          self.clock),
+                    integrations_api.routes(integrations),
                 ],
                 self._health,
             )

@@ -40,6 +40,26 @@ class Config:
     """`text` or `json` (one object per line)."""
     sim_cache_ttl_s: float = 30.0
     """How long a SIM lookup is cached; changes from another process show after this."""
+    delivery_timeout_s: float = 20.0
+    """A webhook/AWS receiver must answer within this (1NCE: 20 s)."""
+    delivery_concurrency: int = 8
+    """Requests in flight per integration (also its connection pool size)."""
+    retry_schedule_s: str = "150,180,420,1020"
+    """Gaps between delivery attempts, seconds; attempts in all = gaps + 1."""
+    webhook_ca_file: Path | None = None
+    """PEM file of extra CAs trusted for webhook URLs (e.g. a private CA)."""
+    webhook_allow_http: bool = False
+    """Accept plain-http webhook URLs: development only."""
+
+    def retry_schedule(self) -> tuple[float, ...]:
+        try:
+            gaps = tuple(float(g) for g in self.retry_schedule_s.split(",") if g.strip())
+        except ValueError as exc:
+            raise ValueError(f"retry_schedule_s: not a list of seconds: "
+                             f"{self.retry_schedule_s!r}") from exc
+        if any(g < 0 for g in gaps):
+            raise ValueError("retry_schedule_s: gaps must not be negative")
+        return gaps
 
     def with_overrides(self, values: Mapping[str, Any]) -> Config:
         return dataclasses.replace(self, **_coerce(values, "override"))
@@ -61,13 +81,26 @@ def _coerce(values: Mapping[str, Any], source: str) -> dict[str, Any]:
                 out[key] = int(val)
             elif typ == "float":
                 out[key] = float(val)
-            elif typ == "Path":
+            elif typ in ("Path", "Path | None"):
                 out[key] = Path(val)
+            elif typ == "bool":
+                out[key] = _bool(val)
             else:
                 out[key] = str(val)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: {key} must be {typ}, got {val!r}") from exc
     return out
+
+
+def _bool(val: Any) -> bool:
+    if isinstance(val, bool):
+        return val
+    text = str(val).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {val!r}")
 
 
 def load_config(

@@ -9,10 +9,11 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
 
 class _Increment:
@@ -95,6 +96,28 @@ class Metrics:
         self.purged_rows = Counter(
             "simwire_retention_purged_rows", "Rows removed by the 7-day retention",
             registry=self.registry,
+        )
+        self.delivered = Counter(
+            "simwire_integration_delivered", "Events delivered, per integration",
+            ["integration"], registry=self.registry,
+        )
+        self.delivery_failures = Counter(
+            "simwire_integration_failed_attempts",
+            "Delivery attempts that failed (each is retried on the schedule)",
+            ["integration"], registry=self.registry,
+        )
+        self.retrying = Gauge(
+            "simwire_integration_retrying", "1 while an integration waits to retry",
+            ["integration"], registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "simwire_integration_queue_depth",
+            "Events queued for an integration (as of its last outbox read)",
+            ["integration"], registry=self.registry,
+        )
+        self.delivery_seconds = Histogram(
+            "simwire_integration_delivery_seconds", "Time from receipt to delivery",
+            ["integration"], buckets=DELIVERY_BUCKETS, registry=self.registry,
         )
 
     def render(self) -> bytes:

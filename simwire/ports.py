@@ -211,6 +211,7 @@ class OutboxItem:
     iccid: str | None
     source: str | None
     topic: str | None
+    received_ms: int
     envelope: str
     """The event's JSON envelope as stored."""
 

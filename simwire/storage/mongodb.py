@@ -718,7 +718,7 @@ class MongoStore:
             self._coll("outbox").find({"i": integration_id}).sort("_id", ASCENDING)
             .limit(limit).hint(_OUTBOX_INDEX)
         )
-        return [OutboxItem(d["_id"], d["e"], d["t"], d["c"], d["s"], d["p"], d["v"])
+        return [OutboxItem(d["_id"], d["e"], d["t"], d["c"], d["s"], d["p"], d["r"], d["v"])
                 async for d in cursor]
 
     async def outbox_ack(self, integration_id: str, keys: Sequence[Any]) -> None:

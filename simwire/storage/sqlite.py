@@ -682,7 +682,8 @@ class SqliteStore:
     async def outbox_fetch(self, integration_id: str, limit: int) -> builtins.list[OutboxItem]:
         def q(c: sqlite3.Connection) -> builtins.list[OutboxItem]:
             rows = c.execute(
-                "SELECT o.seq, e.id, e.type, e.iccid, e.protocol, e.topic, e.envelope "
+                "SELECT o.seq, e.id, e.type, e.iccid, e.protocol, e.topic, e.received_ms, "
+                "e.envelope "
                 "FROM outbox o JOIN events e ON e.seq = o.seq WHERE o.integration = ? "
                 "ORDER BY o.seq LIMIT ?", (integration_id, limit),
             ).fetchall()
