@@ -1,4 +1,5 @@
-"""`simwire` command line: `serve`, `sims import`. Entry point of the console script."""
+"""`simwire` command line: `serve`, `sims import`, `aws provision|endpoint`. Entry point of
+the console script."""
 
 from __future__ import annotations
 
@@ -37,6 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sims_sub.add_parser("import", help="import SIMs from a CSV file")
     imp.add_argument("file", type=Path, help="CSV with header iccid,imsi,ip,imei,label,status")
     _store_flags(imp)
+
+    aws = sub.add_parser("aws", help="AWS IoT Core things and certificates (needs simwire[aws])")
+    aws_sub = aws.add_subparsers(dest="aws_command", required=True)
+    prov = aws_sub.add_parser("provision", help="a thing, certificate and policy per SIM")
+    prov.add_argument("--region", required=True)
+    sims_from = prov.add_mutually_exclusive_group(required=True)
+    sims_from.add_argument("--iccid", dest="iccids", action="append", metavar="ICCID",
+                           help="repeat for several SIMs")
+    sims_from.add_argument("--from-sims-csv", dest="sims_csv", type=Path, metavar="FILE",
+                           help="CSV with an iccid column (as for `sims import`)")
+    prov.add_argument("--policy-name", dest="policy_name", required=True)
+    prov.add_argument("--out", type=Path, required=True,
+                      help="directory for <iccid>.cert.pem and <iccid>.private.key")
+    prov.add_argument("--endpoint-url", dest="endpoint_url", help="IoT control-plane URL")
+    endpoint = aws_sub.add_parser("endpoint", help="print the iot:Data-ATS endpoint")
+    endpoint.add_argument("--region", required=True)
+    endpoint.add_argument("--endpoint-url", dest="endpoint_url", help="IoT control-plane URL")
     return parser
 
 
@@ -92,8 +110,25 @@ async def _import(cfg: Config, path: Path, text: str) -> int:
     return 0 if not report.errors else 1
 
 
+def _aws(args: argparse.Namespace) -> int:
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        print("error: `simwire aws` needs boto3: install simwire[aws]", file=sys.stderr)
+        return 2
+    from integrator.forwarders import aws_provision
+
+    if args.aws_command == "endpoint":
+        return aws_provision.run_endpoint(region=args.region, endpoint_url=args.endpoint_url)
+    return aws_provision.run_provision(
+        region=args.region, iccids=args.iccids, sims_csv=args.sims_csv,
+        policy_name=args.policy_name, out_dir=args.out, endpoint_url=args.endpoint_url)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "aws":
+        return _aws(args)
     try:
         if args.command == "serve":
             cfg = _config(args, ("data_dir", "store", "host", "http_host", "udp_port",

@@ -122,15 +122,18 @@ class _Worker:
         self._depth = m.queue_depth.labels(label)
         self._latency = m.delivery_seconds.labels(label)
         self.task: asyncio.Task[None] | None = None
+        self._ack_task: asyncio.Task[None] | None = None
+        self._acking: set[Any] = set()
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"forward-{self.integration.id}")
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        for task in (self.task, self._ack_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.sink.close()
         self._retrying.set(0)
 
@@ -140,11 +143,13 @@ class _Worker:
         while True:
             self.wake.clear()
             try:
-                items = await d.store.outbox_fetch(i.id, d.config.batch)
+                items = await d.store.outbox_fetch(i.id, d.config.batch + len(self._acking))
             except Exception as exc:
                 log.error("integration %s: outbox read failed: %s", i.id, exc)
                 await d.clock.sleep(d.config.poll_interval_s)
                 continue
+            if self._acking:  # delivered, removal from the outbox still being committed
+                items = [it for it in items if it.key not in self._acking][: d.config.batch]
             if len(items) < d.config.batch:
                 self._depth.set(len(items))
             if not items:
@@ -153,10 +158,15 @@ class _Worker:
                 continue
             delivered, error = await self._deliver(items)
             if delivered:
-                await self._acknowledge(delivered)
+                # one removal in flight while the next batch goes out (a commit saved per
+                # batch); the next fetch skips the keys being removed
+                await self._ack_settled()
+                self._acking = {it.key for it in delivered}
+                self._ack_task = asyncio.create_task(self._acknowledge(delivered))
             if error is None:
                 failed_attempts = 0
                 continue
+            await self._ack_settled()
             failed_attempts += 1
             self._failures.inc()
             schedule = d.config.retry_schedule_s
@@ -204,10 +214,20 @@ class _Worker:
             await asyncio.gather(*(chain(q) for q in chains.values()))
         return delivered, (errors[0] if errors else None)
 
+    async def _ack_settled(self) -> None:
+        if self._ack_task is not None:
+            await self._ack_task
+            self._ack_task = None
+        self._acking = set()
+
     async def _acknowledge(self, delivered: list[OutboxItem]) -> None:
         d, i = self._d, self.integration
-        await d.store.outbox_ack(i.id, [item.key for item in delivered])
         self._delivered.inc(len(delivered))
+        try:
+            await d.store.outbox_ack(i.id, [item.key for item in delivered])
+        except Exception as exc:  # they stay queued and are delivered again (at least once)
+            log.error("integration %s: outbox removal failed: %s", i.id, exc)
+            return
         if i.state is not IntegrationState.INTEGRATION_ACTIVE or i.error is not None or (
             i.first_delivery_ms is None and any(it.iccid is not None for it in delivered)
         ):

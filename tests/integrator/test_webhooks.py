@@ -433,9 +433,10 @@ async def test_create_reports_every_problem(api: Api) -> None:
 
 
 async def test_crud_unique_url_and_tenancy(
-    api: Api, node: Simwire, http: aiohttp.ClientSession,
+    api: Api, node: Simwire, http: aiohttp.ClientSession, clock: ManualClock,
 ) -> None:
     a = await create(api, "https://a.test/hook", name="a")
+    clock.advance(0.001)  # listed oldest first
     status, res = await api.call("POST", "/v1/integrate/clouds/webhooks", {
         "name": "dup", "url": "https://a.test/hook", "headers": {}, "eventTypes": TELEMETRY})
     assert status == 409, res

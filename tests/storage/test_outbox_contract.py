@@ -22,7 +22,7 @@ from simwire.model import (
 )
 from simwire.ports import IngestRecord, Store
 from tests.storage.conftest import StoreOpener
-from tests.storage.test_contract import OTHER_ORG, ORG, T0, registration, telemetry
+from tests.storage.test_contract import ORG, OTHER_ORG, T0, registration, telemetry
 
 ALL_TYPES = ("TELEMETRY_DATA", "LIFECYCLE", "ERROR")
 
