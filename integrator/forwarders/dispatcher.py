@@ -228,10 +228,9 @@ class _Worker:
         except Exception as exc:  # they stay queued and are delivered again (at least once)
             log.error("integration %s: outbox removal failed: %s", i.id, exc)
             return
-        if i.state is not IntegrationState.INTEGRATION_ACTIVE or i.error is not None or (
-            i.first_delivery_ms is None and any(it.iccid is not None for it in delivered)
-        ):
-            device_event = any(it.iccid is not None for it in delivered)
+        device_event = any(it.iccid is not None for it in delivered)
+        if (i.state is not IntegrationState.INTEGRATION_ACTIVE or i.error is not None
+                or (i.first_delivery_ms is None and device_event)):
             await self._set_status(IntegrationState.INTEGRATION_ACTIVE, None,
                                    d.clock.now_ms() if device_event else None)
 

@@ -13,8 +13,9 @@ import pytest
 from integrator import coap
 from simwire.app import Simwire
 from simwire.clock import ManualClock
+from tests.support.devices import Device
 from tests.support.net import UdpClient
-from tests.support.simwire import Api, eventually, running
+from tests.support.simwire import Api, running
 
 ICCID = "8988280666000000061"
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -40,35 +41,11 @@ async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     return client
 
 
-class Device:
-    def __init__(self, node: Simwire, coap_client: UdpClient, udp_client: UdpClient) -> None:
-        self.node, self.c, self.u, self.mid = node, coap_client, udp_client, 0
-
-    async def coap(self, payload: bytes, topic: str | None = None) -> None:
-        self.mid += 1
-        opts = [(coap.OPT_URI_QUERY, b"t=" + topic.encode())] if topic else []
-        reply = await self.c.request(coap.serialize(
-            coap.Message(coap.CON, coap.POST, self.mid, b"", opts, payload)))
-        assert coap.parse(reply).code == coap.CHANGED
-
-    async def udp(self, payload: bytes) -> None:
-        before = self.stored()
-        self.u.send(payload)
-        await eventually(lambda: self.stored() == before + 1)
-
-    def stored(self) -> float:
-        return sum(self.node.metrics.registry.get_sample_value(
-            "simwire_uplinks_total", {"protocol": p, "outcome": "stored"}) or 0
-            for p in ("UDP", "COAP"))
-
-
 @pytest.fixture
 async def device(node: Simwire, api: Api) -> AsyncIterator[Device]:
-    c = await UdpClient.open(("127.0.0.1", node.ports.coap))
-    u = await UdpClient.open(("127.0.0.1", node.ports.udp))
-    yield Device(node, c, u)
-    c.close()
-    u.close()
+    d = await Device.open(node)
+    yield d
+    d.close()
 
 
 def iso(ms: int) -> str:

@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from integrator import coap
 from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.model import DEFAULT_ORG
-from tests.support.net import UdpClient
+from tests.support.devices import Device
+from tests.support.net import UdpClient, free_port
 from tests.support.pki import Pki, make_pki
 from tests.support.simwire import Api, eventually, running
 from tests.support.webhook import Receiver, receiver
@@ -62,38 +62,11 @@ async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     return client
 
 
-class Device:
-    """Sends UDP datagrams (and CoAP POSTs) from 127.0.0.1 and waits until stored."""
-
-    def __init__(self, node: Simwire, udp: UdpClient, coap_client: UdpClient) -> None:
-        self.node, self.u, self.c, self.mid = node, udp, coap_client, 0
-
-    def stored(self) -> float:
-        return sum(self.node.metrics.registry.get_sample_value(
-            "simwire_uplinks_total", {"protocol": p, "outcome": "stored"}) or 0
-            for p in ("UDP", "COAP"))
-
-    async def udp(self, *payloads: bytes) -> None:
-        for payload in payloads:
-            before = self.stored()
-            self.u.send(payload)
-            await eventually(lambda before=before: self.stored() == before + 1)
-
-    async def coap(self, payload: bytes, topic: str | None = None) -> None:
-        self.mid += 1
-        opts = [(coap.OPT_URI_QUERY, b"t=" + topic.encode())] if topic else []
-        reply = await self.c.request(coap.serialize(
-            coap.Message(coap.CON, coap.POST, self.mid, b"", opts, payload)))
-        assert coap.parse(reply).code == coap.CHANGED
-
-
 @pytest.fixture
 async def device(node: Simwire, api: Api) -> AsyncIterator[Device]:
-    u = await UdpClient.open(("127.0.0.1", node.ports.udp))
-    c = await UdpClient.open(("127.0.0.1", node.ports.coap))
-    yield Device(node, u, c)
-    u.close()
-    c.close()
+    d = await Device.open(node)
+    yield d
+    d.close()
 
 
 async def create(api: Api, url: str, **kw: Any) -> dict[str, Any]:
@@ -326,7 +299,6 @@ async def test_failures_are_retried(
     elif behaviour == "timeout":
         hook.hang()
     else:
-        from tests.support.net import free_port
         url = f"https://127.0.0.1:{free_port()}"
     created = await create(api, url)
     await device.udp(b"x")

@@ -1,4 +1,5 @@
-"""Device-side senders used by the endpoint conformance suite (one per protocol)."""
+"""Device-side senders: one link per protocol (endpoint conformance suite) and
+`Device`, which sends UDP and CoAP from 127.0.0.1 and returns once each message is stored."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from integrator import coap
 from simwire.app import Simwire
 from tests.support.net import UdpClient
+from tests.support.simwire import eventually
 
 
 @dataclass
@@ -74,3 +76,39 @@ async def open_link(app: Simwire, protocol: str, local_ip: str = "127.0.0.1") ->
     if protocol == "COAP":
         return CoapLink(await UdpClient.open(("127.0.0.1", app.ports.coap), local_ip))
     raise ValueError(protocol)
+
+
+class Device:
+    """UDP datagrams and CoAP POSTs from 127.0.0.1; each call returns once stored."""
+
+    def __init__(self, node: Simwire, udp: UdpClient, coap_client: UdpClient) -> None:
+        self.node, self.u, self.c, self.mid = node, udp, coap_client, 0
+
+    @classmethod
+    async def open(cls, node: Simwire) -> Device:
+        return cls(node, await UdpClient.open(("127.0.0.1", node.ports.udp)),
+                   await UdpClient.open(("127.0.0.1", node.ports.coap)))
+
+    def close(self) -> None:
+        self.u.close()
+        self.c.close()
+
+    def stored(self) -> float:
+        """`simwire_uplinks_total{outcome="stored"}` over UDP and CoAP."""
+        return sum(self.node.metrics.registry.get_sample_value(
+            "simwire_uplinks_total", {"protocol": p, "outcome": "stored"}) or 0
+            for p in ("UDP", "COAP"))
+
+    async def udp(self, *payloads: bytes) -> None:
+        for payload in payloads:
+            before = self.stored()
+            self.u.send(payload)
+            await eventually(lambda before=before: self.stored() == before + 1)
+
+    async def coap(self, payload: bytes, topic: str | None = None) -> None:
+        """A CON POST; asserts the 2.04 (sent once the message is stored)."""
+        self.mid += 1
+        opts = [(coap.OPT_URI_QUERY, b"t=" + topic.encode())] if topic else []
+        reply = await self.c.request(coap.serialize(
+            coap.Message(coap.CON, coap.POST, self.mid, b"", opts, payload)))
+        assert coap.parse(reply).code == coap.CHANGED

@@ -62,21 +62,19 @@ class Receiver:
 
     async def wait_for(self, n: int, timeout: float = 10.0) -> list[Received]:
         """Until `n` requests were accepted (2xx); returns them."""
-        async def until() -> None:
-            while len(self.accepted) < n:
-                self._arrived.clear()
-                await self._arrived.wait()
-        await asyncio.wait_for(until(), timeout)
-        return self.accepted[:n]
+        return await self._until(self.accepted, n, timeout)
 
     async def wait_requests(self, n: int, timeout: float = 10.0) -> list[Received]:
         """Until `n` requests arrived (any answer)."""
-        async def until() -> None:
-            while len(self.requests) < n:
+        return await self._until(self.requests, n, timeout)
+
+    async def _until(self, seen: list[Received], n: int, timeout: float) -> list[Received]:
+        async def grown() -> None:
+            while len(seen) < n:
                 self._arrived.clear()
                 await self._arrived.wait()
-        await asyncio.wait_for(until(), timeout)
-        return self.requests[:n]
+        await asyncio.wait_for(grown(), timeout)
+        return seen[:n]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
