@@ -383,3 +383,60 @@ def iso_ms(epoch_ms: int, tz_offset_min: int = 0) -> str:
     tz = timezone(timedelta(minutes=tz_offset_min))
     dt = datetime.fromtimestamp(epoch_ms / 1000, tz)
     return dt.isoformat(timespec="milliseconds")
+
+
+class TemplateStatus(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    INACTIVE = "INACTIVE"
+
+
+TRANSLATED_PROTOCOLS = (Protocol.UDP, Protocol.COAP)
+"""The protocols an Energy Saver template can claim; LwM2M is never translated."""
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """An Energy Saver (BCL) template of one organisation (spec section 3.3).
+
+    `template` is the JSON text as the user sent it (the API returns it unchanged); at most
+    one ACTIVE template of an organisation claims each protocol, which the stores enforce."""
+
+    id: str
+    org: str
+    name: str
+    template: str
+    protocols: tuple[Protocol, ...]
+    status: TemplateStatus
+    created_ms: int
+    updated_ms: int
+
+    @property
+    def claims(self) -> tuple[Protocol, ...]:
+        """The protocols this template translates now (none unless ACTIVE)."""
+        return self.protocols if self.status is TemplateStatus.ACTIVE else ()
+
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class Saving:
+    """One translated message's contribution to the Energy Saver savings counters.
+
+    `day` is the UTC day number (`received_ms // DAY_MS`); `original_bytes` is the length of
+    the translated JSON (what the device would have sent), `optimized_bytes` the binary
+    payload's length (spec section 3.3, energy formula)."""
+
+    org: str
+    iccid: str
+    protocol: Protocol
+    day: int
+    original_bytes: int
+    optimized_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SavingsTotals:
+    messages: int = 0
+    original_bytes: int = 0
+    optimized_bytes: int = 0

@@ -30,7 +30,10 @@ from simwire.model import (
     IntegrationState,
     Payload,
     RawUplink,
+    Saving,
+    SavingsTotals,
     Sim,
+    Template,
 )
 from simwire.model import Protocol as DeviceProtocol
 
@@ -83,6 +86,8 @@ class IngestRecord:
     state: DeviceState | None = None
     logs: tuple[AdminLog, ...] = ()
     registration: Registration | None = None
+    saving: Saving | None = None
+    """Set when Energy Saver translated the payload: added to the savings counters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +267,47 @@ class Outbox(Protocol):
         ...
 
 
+class TemplateRepository(Protocol):
+    """Energy Saver templates: the templates API writes, the translator's cache reads."""
+
+    async def create_template(self, template: Template) -> None:
+        """Raises Conflict if an ACTIVE template of the same organisation already claims one
+        of `template.claims` (checked atomically with the write)."""
+        ...
+
+    async def get_template(self, template_id: str) -> Template | None: ...
+
+    async def list_templates(self, org: str) -> list[Template]:
+        """One organisation's templates, oldest first."""
+        ...
+
+    async def update_template(self, template: Template) -> Template | None:
+        """Replace a stored template (same id); None if absent; Conflict as on create."""
+        ...
+
+    async def delete_template(self, template_id: str) -> bool: ...
+
+    async def active_templates(self) -> list[Template]:
+        """Every organisation's ACTIVE templates (the translator's periodic refresh)."""
+        ...
+
+
+class SavingsRepository(Protocol):
+    """Energy Saver savings counters, filled by `IngestStore` from `IngestRecord.saving` in
+    the ingest write itself; read by the savings API."""
+
+    async def savings(
+        self, org: str, first_day: int, last_day: int,
+        protocol: DeviceProtocol | None = None, iccid: str | None = None,
+    ) -> SavingsTotals:
+        """Totals over UTC days `first_day..last_day` (inclusive), optionally filtered."""
+        ...
+
+    async def purge_savings(self, before_day: int) -> int:
+        """Drop counters of days before `before_day`; returns rows deleted."""
+        ...
+
+
 class Store(
     SimRepository,
     IngestStore,
@@ -271,6 +317,8 @@ class Store(
     ClientRepository,
     IntegrationRepository,
     Outbox,
+    TemplateRepository,
+    SavingsRepository,
     Protocol,
 ):
     """One storage backend; `simwire.storage.open_store` picks the adapter."""

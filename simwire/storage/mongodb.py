@@ -20,10 +20,20 @@ Collections (in the database named by the URL path, else the `database` argument
   the events inserts their outbox documents, for the subscriptions it knows: a cache of
   the integrations, reloaded when older than `SUBSCRIPTIONS_TTL_S` and at once after this
   store changed one (another process's new integration is seen within that time).
+- `templates`: `_id` = template id, index `(org, created_ms, _id)`, index `status`. An
+  ACTIVE template also carries `claims` (its protocols; absent otherwise), and the unique
+  index `(org, claims)`, partial on ACTIVE documents that have `claims`, is the invariant
+  "one ACTIVE template per organisation and protocol": a multikey unique index keys every
+  element, so no two documents of an organisation share a claimed protocol, and the server
+  checks it atomically with the insert/replace (also between processes). Empty claims are
+  left out, not stored as `[]`, which a multikey index would key (as `undefined`) too.
+- `savings`: one counter document per (org, UTC day, protocol, ICCID), `_id` =
+  `"<org>|<day>|<protocol>|<iccid>"`; indexes `(org, day)` and `day`.
 
 `append` groups concurrent calls (group commit, like the SQLite writer): the records queued
 while a flush is in flight are written by the next flush with one `bulk_write`/`insert_many`
-per collection; every caller of a flush gets its outcome (a failure fails only that flush's
+per collection (the records' savings summed per counter, then one `$inc` upsert each);
+every caller of a flush gets its outcome (a failure fails only that flush's
 callers). MongoDB gives no multi-collection transaction here, so one uplink's writes are not
 atomic: a flush that fails half-way may leave some of its documents written (the caller was
 not acknowledged and the device retries, as with any failed write).
@@ -62,8 +72,11 @@ from simwire.model import (
     LogCategory,
     LogType,
     Protocol,
+    SavingsTotals,
     Sim,
     SimStatus,
+    Template,
+    TemplateStatus,
 )
 from simwire.ports import (
     AdminLogQuery,
@@ -97,6 +110,8 @@ exactly `start`); with a hint it scans correctly. On MongoDB the hint changes no
 _OUTBOX_INDEX = "integration"
 _LOGS_BY_ORG_INDEX = "org"
 _LOGS_BY_ICCID_INDEX = "iccid"
+_CLAIMS_INDEX = "claims"
+_SAVINGS_INDEX = "org"
 
 
 class _Ids:
@@ -248,6 +263,20 @@ class MongoStore:
             IndexModel([("i", ASCENDING), ("_id", ASCENDING)], name=_OUTBOX_INDEX),
             IndexModel([("r", ASCENDING)], name="received"),
             ttl,
+        ])
+        await db.templates.create_indexes([
+            IndexModel([("org", ASCENDING), ("created_ms", ASCENDING), ("_id", ASCENDING)],
+                       name="org"),
+            IndexModel([("status", ASCENDING)], name="status"),
+            IndexModel(
+                [("org", ASCENDING), ("claims", ASCENDING)], name=_CLAIMS_INDEX, unique=True,
+                partialFilterExpression={"status": TemplateStatus.ACTIVE.value,
+                                         "claims": {"$exists": True}},
+            ),
+        ])
+        await db.savings.create_indexes([
+            IndexModel([("org", ASCENDING), ("day", ASCENDING)], name=_SAVINGS_INDEX),
+            IndexModel([("day", ASCENDING)], name="day"),
         ])
 
     async def close(self) -> None:
@@ -411,6 +440,9 @@ class MongoStore:
             writes.append(self._coll("admin_logs").insert_many(logs, ordered=False))
         if states:
             writes.append(self._write_states(list(states.values())))
+        savings = _savings_ops(batch)
+        if savings:
+            writes.append(self._write_savings(savings))
         results = await asyncio.gather(*writes, return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
@@ -503,6 +535,18 @@ class MongoStore:
             await self._coll("device_state").bulk_write(ops, ordered=False)
         except BulkWriteError as exc:
             _raise_unless_duplicates(exc)
+
+    async def _write_savings(self, ops: builtins.list[UpdateOne]) -> None:
+        """Upsert the counters; an upsert that lost an insert race to another writer fails
+        with a duplicate key (the document now exists), so it is retried as an update."""
+        for _attempt in range(5):
+            try:
+                await self._coll("savings").bulk_write(ops, ordered=False)
+                return
+            except BulkWriteError as exc:
+                _raise_unless_duplicates(exc)
+                ops = [ops[err["index"]] for err in exc.details["writeErrors"]]
+        raise RuntimeError(f"savings upsert of {len(ops)} counters kept failing")
 
     def _event_doc(self, e: Event) -> Doc:
         history = (
@@ -732,6 +776,84 @@ class MongoStore:
     def on_outbox(self, callback: Callable[[], None]) -> None:
         self._outbox_listener = callback
 
+    # -- TemplateRepository --------------------------------------------------------------
+
+    async def create_template(self, template: Template) -> None:
+        try:
+            await self._coll("templates").insert_one(_template_doc(template))
+        except DuplicateKeyError as exc:
+            raise await self._template_conflict(template, exc) from exc
+
+    async def get_template(self, template_id: str) -> Template | None:
+        doc = await self._coll("templates").find_one({"_id": template_id})
+        return _template(doc) if doc else None
+
+    async def list_templates(self, org: str) -> builtins.list[Template]:
+        cursor = self._coll("templates").find({"org": org}).sort(
+            [("created_ms", ASCENDING), ("_id", ASCENDING)])
+        return [_template(d) async for d in cursor]
+
+    async def update_template(self, template: Template) -> Template | None:
+        doc = _template_doc(template)
+        del doc["_id"]
+        try:
+            stored = await self._coll("templates").find_one_and_replace(
+                {"_id": template.id}, doc, return_document=ReturnDocument.AFTER)
+        except DuplicateKeyError as exc:
+            raise await self._template_conflict(template, exc) from exc
+        return _template(stored) if stored else None
+
+    async def delete_template(self, template_id: str) -> bool:
+        result = await self._coll("templates").delete_one({"_id": template_id})
+        return result.deleted_count > 0
+
+    async def active_templates(self) -> builtins.list[Template]:
+        cursor = self._coll("templates").find({"status": TemplateStatus.ACTIVE.value}).sort(
+            [("org", ASCENDING), ("created_ms", ASCENDING), ("_id", ASCENDING)])
+        return [_template(d) async for d in cursor]
+
+    async def _template_conflict(self, t: Template, exc: DuplicateKeyError) -> Conflict:
+        """The Conflict for a duplicate key: the template's id, or a claimed protocol (named
+        by the error's `keyValue`; else any of `t`'s) with the template holding it."""
+        details: Mapping[str, Any] = exc.details or {}
+        pattern = details.get("keyPattern") or {}
+        if "claims" not in pattern and (pattern or f"index: {_CLAIMS_INDEX} " not in str(exc)):
+            return Conflict(f"template {t.id} exists")
+        value = (details.get("keyValue") or {}).get("claims")
+        wanted = [value] if isinstance(value, str) else [p.value for p in t.claims]
+        other = await self._coll("templates").find_one(
+            {"org": t.org, "status": TemplateStatus.ACTIVE.value, "claims": {"$in": wanted},
+             "_id": {"$ne": t.id}}, {"claims": 1})
+        if other is None:  # released meanwhile: still this write's conflict
+            return Conflict(f"an ACTIVE template already translates {'/'.join(wanted)}")
+        protocol = next(p for p in wanted if p in other["claims"])
+        return Conflict(f"an ACTIVE template already translates {protocol}: {other['_id']}")
+
+    # -- SavingsRepository ---------------------------------------------------------------
+
+    async def savings(
+        self, org: str, first_day: int, last_day: int,
+        protocol: Protocol | None = None, iccid: str | None = None,
+    ) -> SavingsTotals:
+        flt: Doc = {"org": org, "day": {"$gte": first_day, "$lte": last_day}}
+        if protocol is not None:
+            flt["protocol"] = protocol.value
+        if iccid is not None:
+            flt["iccid"] = iccid
+        cursor = await self._coll("savings").aggregate([
+            {"$match": flt},
+            {"$group": {"_id": None, "m": {"$sum": "$messages"},
+                        "o": {"$sum": "$original_bytes"}, "p": {"$sum": "$optimized_bytes"}}},
+        ], hint=_SAVINGS_INDEX)  # hinted: see _HISTORY_INDEX
+        docs = await cursor.to_list()
+        if not docs:
+            return SavingsTotals()
+        return SavingsTotals(docs[0]["m"], docs[0]["o"], docs[0]["p"])
+
+    async def purge_savings(self, before_day: int) -> int:
+        result = await self._coll("savings").delete_many({"day": {"$lt": before_day}})
+        return result.deleted_count
+
     # -- ClientRepository ----------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> ApiClient | None:
@@ -785,6 +907,47 @@ def _integration(d: Mapping[str, Any]) -> Integration:
     return Integration.from_doc(d["_id"], d["org"], d["config"], d["created_ms"],
                                 d["updated_ms"], d["state"], d.get("error"),
                                 d.get("first_delivery_ms"))
+
+
+def _template_doc(t: Template) -> Doc:
+    doc: Doc = {
+        "_id": t.id, "org": t.org, "name": t.name, "template": t.template,
+        "protocols": [p.value for p in t.protocols], "status": t.status.value,
+        "created_ms": t.created_ms, "updated_ms": t.updated_ms,
+    }
+    if t.claims:  # see the module docstring: absent, never []
+        doc["claims"] = [p.value for p in dict.fromkeys(t.claims)]
+    return doc
+
+
+def _template(d: Mapping[str, Any]) -> Template:
+    return Template(
+        id=d["_id"], org=d["org"], name=d["name"], template=d["template"],
+        protocols=tuple(Protocol(p) for p in d["protocols"]),
+        status=TemplateStatus(d["status"]), created_ms=d["created_ms"],
+        updated_ms=d["updated_ms"],
+    )
+
+
+def _savings_ops(batch: Sequence[_Pending]) -> builtins.list[UpdateOne]:
+    """One `$inc` upsert per counter touched by the batch's savings (none: no ops)."""
+    sums: dict[tuple[str, int, str, str], list[int]] = {}
+    for p in batch:
+        sv = p.record.saving
+        if sv is not None:
+            counts = sums.setdefault((sv.org, sv.day, sv.protocol.value, sv.iccid), [0, 0, 0])
+            counts[0] += 1
+            counts[1] += sv.original_bytes
+            counts[2] += sv.optimized_bytes
+    return [
+        UpdateOne(
+            {"_id": f"{org}|{day}|{protocol}|{iccid}"},
+            {"$inc": {"messages": m, "original_bytes": o, "optimized_bytes": b},
+             "$setOnInsert": {"org": org, "day": day, "protocol": protocol, "iccid": iccid}},
+            upsert=True,
+        )
+        for (org, day, protocol, iccid), (m, o, b) in sums.items()
+    ]
 
 
 def _state_id(iccid: str, protocol: Protocol) -> str:

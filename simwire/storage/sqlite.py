@@ -38,8 +38,11 @@ from simwire.model import (
     LogCategory,
     LogType,
     Protocol,
+    SavingsTotals,
     Sim,
     SimStatus,
+    Template,
+    TemplateStatus,
 )
 from simwire.ports import (
     AdminLogQuery,
@@ -96,6 +99,20 @@ CREATE TABLE IF NOT EXISTS subscriptions (
 CREATE TABLE IF NOT EXISTS outbox (
     integration TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (integration, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS templates (
+    id TEXT PRIMARY KEY, org TEXT NOT NULL, name TEXT NOT NULL, template TEXT NOT NULL,
+    protocols TEXT NOT NULL, status TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS templates_org ON templates (org, created_ms, id);
+CREATE TABLE IF NOT EXISTS template_claims (
+    org TEXT NOT NULL, protocol TEXT NOT NULL, template TEXT NOT NULL,
+    PRIMARY KEY (org, protocol)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS template_claims_template ON template_claims (template);
+CREATE TABLE IF NOT EXISTS savings (
+    org TEXT NOT NULL, day INTEGER NOT NULL, protocol TEXT NOT NULL, iccid TEXT NOT NULL,
+    messages INTEGER NOT NULL, original_bytes INTEGER NOT NULL,
+    optimized_bytes INTEGER NOT NULL, PRIMARY KEY (org, day, protocol, iccid)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS savings_day ON savings (day);
 """
 
 MAX_BATCH = 1024
@@ -713,6 +730,101 @@ class SqliteStore:
     def on_outbox(self, callback: Callable[[], None]) -> None:
         self.db.outbox_listener = (self._loop, callback)
 
+    # -- TemplateRepository --------------------------------------------------------------
+    # `template_claims` holds one row per (org, protocol) an ACTIVE template translates; its
+    # primary key is the one-ACTIVE-template-per-protocol invariant, written in the same
+    # transaction as the template row.
+
+    async def create_template(self, template: Template) -> None:
+        t = template
+
+        def w(c: sqlite3.Connection) -> None:
+            try:
+                c.execute(f"INSERT INTO templates ({_TEMPLATE_COLS}) VALUES (?,?,?,?,?,?,?,?)",
+                          _template_row(t))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"template {t.id} exists") from exc
+            _claim(c, t)
+
+        await self.db.write(w)
+
+    async def get_template(self, template_id: str) -> Template | None:
+        def q(c: sqlite3.Connection) -> Template | None:
+            row = c.execute(f"SELECT {_TEMPLATE_COLS} FROM templates WHERE id = ?",
+                            (template_id,)).fetchone()
+            return _template(row) if row else None
+
+        return await self.db.read(q)
+
+    async def list_templates(self, org: str) -> builtins.list[Template]:
+        def q(c: sqlite3.Connection) -> builtins.list[Template]:
+            rows = c.execute(f"SELECT {_TEMPLATE_COLS} FROM templates WHERE org = ? "
+                             "ORDER BY created_ms, id", (org,)).fetchall()
+            return [_template(r) for r in rows]
+
+        return await self.db.read(q)
+
+    async def update_template(self, template: Template) -> Template | None:
+        t = template
+
+        def w(c: sqlite3.Connection) -> Template | None:
+            if not c.execute(
+                "UPDATE templates SET org = ?, name = ?, template = ?, protocols = ?, "
+                "status = ?, created_ms = ?, updated_ms = ? WHERE id = ?",
+                (*_template_row(t)[1:], t.id),
+            ).rowcount:
+                return None
+            c.execute("DELETE FROM template_claims WHERE template = ?", (t.id,))
+            _claim(c, t)
+            row = c.execute(f"SELECT {_TEMPLATE_COLS} FROM templates WHERE id = ?",
+                            (t.id,)).fetchone()
+            return _template(row)
+
+        return await self.db.write(w)
+
+    async def delete_template(self, template_id: str) -> bool:
+        def w(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM template_claims WHERE template = ?", (template_id,))
+            return c.execute("DELETE FROM templates WHERE id = ?",
+                             (template_id,)).rowcount > 0
+
+        return await self.db.write(w)
+
+    async def active_templates(self) -> builtins.list[Template]:
+        def q(c: sqlite3.Connection) -> builtins.list[Template]:
+            rows = c.execute(f"SELECT {_TEMPLATE_COLS} FROM templates WHERE status = ? "
+                             "ORDER BY org, created_ms, id",
+                             (TemplateStatus.ACTIVE.value,)).fetchall()
+            return [_template(r) for r in rows]
+
+        return await self.db.read(q)
+
+    # -- SavingsRepository ---------------------------------------------------------------
+
+    async def savings(
+        self, org: str, first_day: int, last_day: int,
+        protocol: Protocol | None = None, iccid: str | None = None,
+    ) -> SavingsTotals:
+        sql = ("SELECT count(*), sum(messages), sum(original_bytes), sum(optimized_bytes) "
+               "FROM savings WHERE org = ? AND day BETWEEN ? AND ?")
+        args: builtins.list[Any] = [org, first_day, last_day]
+        if protocol is not None:
+            sql += " AND protocol = ?"
+            args.append(protocol.value)
+        if iccid is not None:
+            sql += " AND iccid = ?"
+            args.append(iccid)
+
+        def q(c: sqlite3.Connection) -> SavingsTotals:
+            n, messages, original, optimized = c.execute(sql, args).fetchone()
+            return SavingsTotals(messages, original, optimized) if n else SavingsTotals()
+
+        return await self.db.read(q)
+
+    async def purge_savings(self, before_day: int) -> int:
+        return await self.db.write(lambda c: c.execute(
+            "DELETE FROM savings WHERE day < ?", (before_day,)).rowcount)
+
     # -- ClientRepository ----------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> ApiClient | None:
@@ -773,7 +885,8 @@ def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:
 
     The outbox is filled by one INSERT ... SELECT joining the new events with the
     subscriptions table, in this transaction: whatever the integrations are at commit time
-    is what the events are queued for, with any number of writer processes.
+    is what the events are queued for, with any number of writer processes. The records'
+    savings are summed per (org, day, protocol, ICCID) first, then upserted once per key.
 
     Few statements matter more than few rows: the sqlite3 module gives up the GIL around
     every step, and taking it back competes with the event loop thread, so `executemany`
@@ -781,6 +894,7 @@ def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:
     events: list[tuple[Any, ...]] = []
     states: dict[tuple[str, str], tuple[Any, ...]] = {}
     logs: list[tuple[Any, ...]] = []
+    savings: dict[tuple[str, int, str, str], list[int]] = {}
     for record in records:
         reg = record.registration
         if reg is not None:
@@ -799,6 +913,12 @@ def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:
             if kept is None or st.updated_ms >= kept[4]:  # equal times: the later one wins
                 states[key] = (st.iccid, st.protocol.value, st.payload, st.topic, st.updated_ms)
         logs += [_log_row(e) for e in record.logs]
+        sv = record.saving
+        if sv is not None:
+            counts = savings.setdefault((sv.org, sv.day, sv.protocol.value, sv.iccid), [0, 0, 0])
+            counts[0] += 1
+            counts[1] += sv.original_bytes
+            counts[2] += sv.optimized_bytes
     queued = 0
     if events:
         last = c.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
@@ -814,6 +934,11 @@ def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:
                  "topic = excluded.topic, updated_ms = excluded.updated_ms "
                  "WHERE excluded.updated_ms >= updated_ms")
     _insert_rows(c, f"INSERT INTO admin_logs ({_LOG_COLS}) VALUES ", logs)
+    _insert_rows(c, "INSERT INTO savings VALUES ", [(*k, *v) for k, v in savings.items()],
+                 " ON CONFLICT (org, day, protocol, iccid) DO UPDATE SET "
+                 "messages = messages + excluded.messages, "
+                 "original_bytes = original_bytes + excluded.original_bytes, "
+                 "optimized_bytes = optimized_bytes + excluded.optimized_bytes")
     return queued
 
 
@@ -843,6 +968,34 @@ def _integration(row: Sequence[Any]) -> Integration:
 def _subscribe(c: sqlite3.Connection, i: Integration) -> None:
     c.executemany("INSERT OR IGNORE INTO subscriptions VALUES (?,?,?)",
                   [(i.org, t, i.id) for t in i.event_types])
+
+
+_TEMPLATE_COLS = "id, org, name, template, protocols, status, created_ms, updated_ms"
+
+
+def _template_row(t: Template) -> tuple[Any, ...]:
+    return (t.id, t.org, t.name, t.template, json.dumps([p.value for p in t.protocols]),
+            t.status.value, t.created_ms, t.updated_ms)
+
+
+def _template(row: Sequence[Any]) -> Template:
+    return Template(
+        id=row[0], org=row[1], name=row[2], template=row[3],
+        protocols=tuple(Protocol(p) for p in json.loads(row[4])),
+        status=TemplateStatus(row[5]), created_ms=row[6], updated_ms=row[7],
+    )
+
+
+def _claim(c: sqlite3.Connection, t: Template) -> None:
+    """Insert `t`'s claims; Conflict (undoing the operation) if another template holds one."""
+    for p in dict.fromkeys(t.claims):
+        try:
+            c.execute("INSERT INTO template_claims VALUES (?,?,?)", (t.org, p.value, t.id))
+        except sqlite3.IntegrityError as exc:
+            other = c.execute("SELECT template FROM template_claims WHERE org = ? AND "
+                              "protocol = ?", (t.org, p.value)).fetchone()
+            raise Conflict(f"an ACTIVE template already translates {p.value}: "
+                           f"{other[0] if other else '?'}") from exc
 
 
 def _expire_outbox(c: sqlite3.Connection, first_seq: int, last_seq: int) -> None:
