@@ -1,17 +1,6 @@
-"""Energy Saver: BCL templates -> construct codecs (issue #4).
+"""Energy Saver: BCL templates translate compact binary UDP/CoAP payloads into JSON.
 
-Until templates land, the pipeline's translation hook is `PassThroughTranslator`: every
-UDP/CoAP payload stays raw and is stored and forwarded as base64.
+`bcl` validates a template into an AST, `codec` compiles it (decode on the hot path, encode
+for devices and tests), `translator` is the pipeline's step, `service`/`api` manage the
+templates under /v1/optimize.
 """
-
-from __future__ import annotations
-
-from simwire.model import Payload, RawUplink
-from simwire.ports import TranslationError
-
-
-class PassThroughTranslator:
-    """Implements `simwire.ports.Translator`; called by integrator.pipeline per uplink."""
-
-    def translate(self, org: str, uplink: RawUplink) -> Payload | TranslationError:
-        return Payload(raw=uplink.payload)

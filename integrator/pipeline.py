@@ -23,6 +23,7 @@ from simwire.clock import Clock
 from simwire.logs import RateLimitedLogger
 from simwire.metrics import Metrics
 from simwire.model import (
+    DAY_MS,
     AdminLog,
     Device,
     DeviceIdentity,
@@ -34,6 +35,7 @@ from simwire.model import (
     Payload,
     Protocol,
     RawUplink,
+    Saving,
     Sim,
     new_trace_id,
 )
@@ -41,6 +43,7 @@ from simwire.ports import (
     DeviceRepository,
     IngestRecord,
     IngestStore,
+    PositionSink,
     Registration,
     TranslationError,
     Translator,
@@ -81,12 +84,14 @@ class Pipeline:
         admin_logs: AdminLogWriter,
         clock: Clock,
         metrics: Metrics,
+        positions: PositionSink,
     ) -> None:
         self._lookup = lookup
         self._store = store
         self._devices = devices
         self._translator = translator
         self._admin_logs = admin_logs
+        self._positions = positions
         self._clock = clock
         self._counters = {p: _Counters(metrics, p) for p in Protocol}
         self._registered: set[str] = set()
@@ -160,6 +165,9 @@ class Pipeline:
                 return
             if registration is not None:
                 self._registered.add(iccid)
+            position = record.events[0].payload.position if record.events[0].payload else None
+            if position is not None:
+                self._positions.report_position(sim.identity, *position, raw.received_ms)
             counters.stored()
             counters.latency(max(0, self._clock.now_ms() - raw.received_ms) / 1000)
             self._finish(done, Ack.STORED)
@@ -198,13 +206,19 @@ class Pipeline:
             ),)
         else:
             payload, error = result, None
+        saving = None
+        if payload.translated:
+            text = payload.text
+            saving = Saving(sim.org, sim.iccid, raw.protocol, now // DAY_MS,
+                            len(text) if text.isascii() else len(text.encode()),
+                            len(raw.payload))
         telemetry = Event(
             id=new_trace_id(now), type=EventType.TELEMETRY_DATA, received_ms=now, org=sim.org,
             device=ident, source=raw.protocol, topic=raw.topic, payload=payload,
         )
         events = (telemetry,) if error is None else (telemetry, error)
         state = DeviceState(sim.iccid, raw.protocol, payload.text, raw.topic, now)
-        return IngestRecord(events, state, logs, registration)
+        return IngestRecord(events, state, logs, registration, saving)
 
     def _refuse(self, raw: RawUplink, sim: Sim | None) -> None:
         if sim is None:

@@ -23,7 +23,9 @@ from aiohttp import web
 from authenticator import api as sims_api
 from authenticator.lookup import SimLookup
 from authenticator.management import SimManagement
-from energy_saver import PassThroughTranslator
+from energy_saver import api as templates_api
+from energy_saver.service import SAVINGS_KEEP_DAYS, Templates
+from energy_saver.translator import CodecCache, TemplateTranslator
 from inspector import api as inspector_api
 from inspector.adminlog import AdminLogWriter
 from inspector.retention import Retention
@@ -34,6 +36,7 @@ from integrator.forwarders.dispatcher import Dispatcher, ForwarderConfig
 from integrator.forwarders.service import Integrations, Limits
 from integrator.forwarders.sinks import SinkFactory, SinkSettings
 from integrator.pipeline import Pipeline
+from locator import NoLocator
 from simwire import clients as clients_api
 from simwire.auth import TokenService
 from simwire.clock import Clock, SystemClock
@@ -62,7 +65,7 @@ class Simwire:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
-        self._translator = translator or PassThroughTranslator()
+        self._translator = translator
         self._stack = AsyncExitStack()
         self.store: Store
         self.pipeline: Pipeline
@@ -70,6 +73,7 @@ class Simwire:
         self.retention: Retention
         self.admin_logs: AdminLogWriter
         self.dispatcher: Dispatcher
+        self.translator: TemplateTranslator
         self.ports: BoundPorts
         self.http_app: web.Application
         self.generated_admin: tuple[str, str] | None = None
@@ -89,17 +93,25 @@ class Simwire:
                 os.environ.get("SIMWIRE_ADMIN_CLIENT_SECRET"),
             )
 
+            codecs = CodecCache()
+            self.translator = TemplateTranslator(self.store, self.metrics, codecs,
+                                                 cfg.template_refresh_s)
+            await self.translator.refresh()
+            templates = Templates(self.store, self.translator, codecs, self.clock)
+
             lookup = SimLookup(self.store, self.clock, ttl_s=cfg.sim_cache_ttl_s)
             self.sims = SimManagement(self.store, lookup, self.clock)
             self.admin_logs = AdminLogWriter(self.store, self.clock, self.metrics)
             self.admin_logs.start()
             stack.push_async_callback(self.admin_logs.stop)
             self.retention = Retention(
-                self.store, self.clock, self.metrics, cfg.retention_days, cfg.purge_interval_s
+                self.store, self.clock, self.metrics, cfg.retention_days, cfg.purge_interval_s,
+                savings=self.store, savings_days=SAVINGS_KEEP_DAYS,
             )
             self.pipeline = Pipeline(
-                lookup, self.store, self.store, self._translator, self.admin_logs, self.clock,
-                self.metrics,
+                lookup, self.store, self.store, self._translator or self.translator,
+                self.admin_logs, self.clock,
+                self.metrics, NoLocator(),
             )
             # unwound after the endpoints close: received uplinks are committed and answered
             stack.push_async_callback(self.pipeline.drain)
@@ -123,6 +135,7 @@ class Simwire:
                     inspector_api.routes(self.store, self.store, self.store, self.store,
                                          self.clock),
                     integrations_api.routes(integrations),
+                    templates_api.routes(templates),
                 ],
                 self._health,
             )
@@ -136,6 +149,9 @@ class Simwire:
 
             retention_task = asyncio.create_task(self.retention.run_forever(), name="retention")
             stack.push_async_callback(_cancel, retention_task)
+            refresh_task = asyncio.create_task(self.translator.run_forever(),
+                                               name="template-refresh")
+            stack.push_async_callback(_cancel, refresh_task)
 
             udp = await udp_endpoint.serve(
                 cfg.host, cfg.udp_port, self.pipeline, self.clock, self.metrics,

@@ -46,6 +46,9 @@ class Config:
     """Requests in flight per integration (also its connection pool size)."""
     retry_schedule_s: str = "150,180,420,1020"
     """Gaps between delivery attempts, seconds; attempts in all = gaps + 1."""
+    template_refresh_s: float = 2.0
+    """How often Energy Saver templates are reloaded from the store (changes made through
+    this process's API apply at once; other processes' after at most this)."""
     webhook_ca_file: Path | None = None
     """PEM file of extra CAs trusted for webhook URLs (e.g. a private CA)."""
     webhook_allow_http: bool = False

@@ -94,3 +94,17 @@ class Conflict(SimwireError):
 class Unprocessable(SimwireError):
     def __init__(self, errors: list[dict[str, Any]]):
         super().__init__(ErrorKind.UNPROCESSABLE, "validation failed", errors)
+
+
+class Problems:
+    """Collects every validation problem of an API body, then raises them together (422)."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def add(self, prop: str, message: str, **extra: Any) -> None:
+        self.items.append({"property": prop, "message": message, **extra})
+
+    def raise_any(self) -> None:
+        if self.items:
+            raise Unprocessable(self.items)

@@ -55,6 +55,17 @@ class RateLimitedLogger:
         self._last: dict[str, tuple[float, int]] = {}
 
     def warning(self, key: str, msg: str, *args: Any) -> None:
+        self._emit(logging.WARNING, key, msg, args, False)
+
+    def error(self, key: str, msg: str, *args: Any) -> None:
+        self._emit(logging.ERROR, key, msg, args, False)
+
+    def exception(self, key: str, msg: str, *args: Any) -> None:
+        """ERROR with the current exception's traceback (call from an except block)."""
+        self._emit(logging.ERROR, key, msg, args, True)
+
+    def _emit(self, level: int, key: str, msg: str, args: tuple[Any, ...],
+              exc_info: bool) -> None:
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last[0] < self._interval:
@@ -66,5 +77,5 @@ class RateLimitedLogger:
         if suppressed:
             msg += " (%d similar suppressed)"
             args = (*args, suppressed)
-        self._log.warning(msg, *args)
+        self._log.log(level, msg, *args, exc_info=exc_info)
         self._last[key] = (now, 0)

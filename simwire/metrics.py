@@ -24,12 +24,16 @@ class _Increment:
 
 
 class UplinkCounters:
-    """`simwire_uplinks_total{protocol,outcome}` as plain ints, read at scrape time.
+    """`simwire_uplinks_total{protocol,outcome}` (or another hot-path counter with the same
+    labels) as plain ints, read at scrape time.
 
     The hot path binds `labels(...).inc` once; an increment is a list-cell add (no lock:
     only the event loop thread counts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "simwire_uplinks",
+                 documentation: str = "Device datagrams by protocol and outcome") -> None:
+        self._name = name
+        self._doc = documentation
         self._cells: dict[tuple[str, str], list[int]] = {}
 
     def labels(self, protocol: str, outcome: str) -> _Increment:
@@ -41,9 +45,7 @@ class UplinkCounters:
         return _Increment(inc)
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "simwire_uplinks", "Device datagrams by protocol and outcome",
-            labels=["protocol", "outcome"])
+        family = CounterMetricFamily(self._name, self._doc, labels=["protocol", "outcome"])
         for (protocol, outcome), cell in sorted(self._cells.items()):
             family.add_metric([protocol, outcome], cell[0])
         yield family
@@ -83,7 +85,11 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.uplinks = UplinkCounters()
         self.ingest_seconds = LatencyHistogram()
+        self.translations = UplinkCounters(
+            "simwire_translations", "Energy Saver translations by protocol and outcome "
+            "(translated, failed)")
         self.registry.register(self.uplinks)
+        self.registry.register(self.translations)
         self.registry.register(self.ingest_seconds)
         self.api_requests = Counter(
             "simwire_api_requests", "Management API requests", ["method", "status"],

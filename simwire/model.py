@@ -136,6 +136,8 @@ class Payload:
     raw: bytes
     json_value: Any = None
     translated: bool = False
+    position: tuple[float, float] | None = None
+    """(lat, long) the translation found (Energy Saver `custom_type`), for the locator."""
     text: str = field(init=False, repr=False, compare=False)
     """What the history API shows: stringified JSON, or base64 of the raw bytes."""
 

@@ -23,6 +23,7 @@ from simwire.model import (
     AdminLog,
     ApiClient,
     Device,
+    DeviceIdentity,
     DeviceState,
     Event,
     HistoryItem,
@@ -326,6 +327,15 @@ class Store(
     name: str
 
     async def close(self) -> None: ...
+
+
+class PositionSink(Protocol):
+    """Device Locator's intake. The pipeline calls it after committing an uplink whose
+    translation carried a position (Energy Saver `custom_type`); must not block."""
+
+    def report_position(
+        self, device: DeviceIdentity, lat: float, lon: float, received_ms: int,
+    ) -> None: ...
 
 
 class Translator(Protocol):

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from integrator.forwarders.dispatcher import Dispatcher
 from simwire.clock import Clock
-from simwire.errors import Conflict, NotFound, Unprocessable
+from simwire.errors import Conflict, NotFound, Problems
 from simwire.model import (
     ENVELOPE_VERSION,
     EventType,
@@ -59,18 +59,6 @@ class Limits:
     """Plain-HTTP webhook URLs (development only)."""
 
 
-class _Errors:
-    def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
-
-    def add(self, prop: str, message: str) -> None:
-        self.items.append({"property": prop, "message": message})
-
-    def raise_any(self) -> None:
-        if self.items:
-            raise Unprocessable(self.items)
-
-
 class _Repo(IntegrationRepository, Outbox, Protocol):
     pass
 
@@ -101,7 +89,7 @@ class Integrations:
     # -- commands --------------------------------------------------------------------------
 
     async def create_webhook(self, body: Any, org: str) -> Integration:
-        errors = _Errors()
+        errors = Problems()
         body = _object(body, errors)
         name, types, json_payload = _common(body, errors, required=True)
         url = _url(body.get("url"), errors, self._limits.allow_http, required=True)
@@ -112,7 +100,7 @@ class Integrations:
                                   bool(json_payload), {"url": url, "headers": headers or {}})
 
     async def create_aws(self, body: Any, org: str) -> Integration:
-        errors = _Errors()
+        errors = Problems()
         body = _object(body, errors)
         name, types, json_payload = _common(body, errors, required=True)
         settings = _aws_settings(body, errors, {})
@@ -127,7 +115,7 @@ class Integrations:
         current = await self.get(integration_id, org)
         if only is not None and current.type is not only:
             raise NotFound(f"{only.value.lower()} integration {integration_id} not found")
-        errors = _Errors()
+        errors = Problems()
         body = _object(body, errors)
         name, types, json_payload = _common(body, errors, required=False)
         settings = dict(current.settings)
@@ -259,7 +247,7 @@ _EXAMPLES: dict[str, dict[str, Any]] = {
 # -- validation --------------------------------------------------------------------------
 
 
-def _object(body: Any, errors: _Errors) -> dict[str, Any]:
+def _object(body: Any, errors: Problems) -> dict[str, Any]:
     if not isinstance(body, dict):
         errors.add("body", "must be a JSON object")
         errors.raise_any()
@@ -267,7 +255,7 @@ def _object(body: Any, errors: _Errors) -> dict[str, Any]:
 
 
 def _common(
-    body: dict[str, Any], errors: _Errors, *, required: bool
+    body: dict[str, Any], errors: Problems, *, required: bool
 ) -> tuple[str | None, tuple[str, ...] | None, bool | None]:
     name = body.get("name")
     if (name is not None or required) and (
@@ -303,7 +291,7 @@ def _common(
     return (name.strip() if isinstance(name, str) else None), types, json_payload
 
 
-def _url(raw: Any, errors: _Errors, allow_http: bool, *, required: bool) -> str | None:
+def _url(raw: Any, errors: Problems, allow_http: bool, *, required: bool) -> str | None:
     if raw is None and not required:
         return None
     if not isinstance(raw, str) or not raw or len(raw) > URL_MAX:
@@ -326,7 +314,7 @@ def _url(raw: Any, errors: _Errors, allow_http: bool, *, required: bool) -> str 
     return raw
 
 
-def _headers(raw: Any, errors: _Errors) -> dict[str, str] | None:
+def _headers(raw: Any, errors: Problems) -> dict[str, str] | None:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -350,7 +338,7 @@ def _headers(raw: Any, errors: _Errors) -> dict[str, str] | None:
     return out
 
 
-def _aws_settings(body: dict[str, Any], errors: _Errors, current: dict[str, Any]
+def _aws_settings(body: dict[str, Any], errors: Problems, current: dict[str, Any]
                   ) -> dict[str, Any]:
     """Validate the AWS fields present in `body` over `current` (creation: `{}`)."""
     s = dict(current)
