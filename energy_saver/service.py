@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from energy_saver import bcl
-from energy_saver.codec import DecodeError
+from energy_saver.codec import Codec, DecodeError
 from energy_saver.translator import CodecCache, TemplateTranslator
 from simwire.clock import Clock
 from simwire.errors import BadRequest, NotFound, Problems, Unprocessable
@@ -56,6 +56,14 @@ def reduction(original: int, optimized: int) -> tuple[int, float]:
     example: 47 and 10 -> (37, 0.51)."""
     e = energy_mwh(original)
     return original - optimized, round((e - energy_mwh(optimized)) / e * 100, 2)
+
+
+def tester_result(codec: Codec, payload: bytes) -> dict[str, Any]:
+    """The template tester's answer for one payload (API and CLI); raises DecodeError."""
+    value, _ = codec.decode(payload)
+    text = json_text(value)
+    reduced, percent = reduction(len(text.encode()), len(payload))
+    return {"translatedPayload": text, "reducedBytes": reduced, "energyUsageReduction": percent}
 
 
 def to_api(t: Template) -> dict[str, Any]:
@@ -161,13 +169,9 @@ class Templates:
         problems.raise_any()
         assert codec is not None
         try:
-            value, _ = codec.decode(payload)
+            return tester_result(codec, payload)
         except DecodeError as exc:
             raise BadRequest(str(exc), [{"property": "payload", "message": str(exc)}]) from None
-        text = json_text(value)
-        reduced, percent = reduction(len(text.encode()), len(payload))
-        return {"translatedPayload": text, "reducedBytes": reduced,
-                "energyUsageReduction": percent}
 
     async def savings(self, org: str, days: int, protocol: DeviceProtocol | None,
                       iccid: str | None) -> dict[str, Any]:

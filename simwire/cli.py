@@ -1,5 +1,5 @@
-"""`simwire` command line: `serve`, `sims import`, `aws provision|endpoint`. Entry point of
-the console script."""
+"""`simwire` command line: `serve`, `sims import`, `templates test|encode`,
+`aws provision|endpoint`. Entry point of the console script."""
 
 from __future__ import annotations
 
@@ -38,6 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sims_sub.add_parser("import", help="import SIMs from a CSV file")
     imp.add_argument("file", type=Path, help="CSV with header iccid,imsi,ip,imei,label,status")
     _store_flags(imp)
+
+    templates = sub.add_parser("templates", help="Energy Saver (BCL) templates, offline")
+    templates_sub = templates.add_subparsers(dest="templates_command", required=True)
+    test = templates_sub.add_parser(
+        "test", help="translate a payload: prints translatedPayload, reducedBytes, "
+        "energyUsageReduction (exit 1: payload not translatable, 2: invalid template)")
+    test.add_argument("template", type=Path, help="the template, a JSON file")
+    test.add_argument("payload", help="the device payload in hex (spaces allowed)")
+    encode = templates_sub.add_parser(
+        "encode", help="encode JSON values into a device payload, printed in hex")
+    encode.add_argument("template", type=Path, help="the template, a JSON file")
+    encode.add_argument("values", help="the values as JSON text (shaped like the output)")
+    encode.add_argument("--switch", action="append", default=None, metavar="JSON",
+                        help="force the case constant of each switch met, in order "
+                        "(JSON value; null: the default)")
 
     aws = sub.add_parser("aws", help="AWS IoT Core things and certificates (needs simwire[aws])")
     aws_sub = aws.add_subparsers(dest="aws_command", required=True)
@@ -125,10 +140,59 @@ def _aws(args: argparse.Namespace) -> int:
         policy_name=args.policy_name, out_dir=args.out, endpoint_url=args.endpoint_url)
 
 
+def _templates(args: argparse.Namespace) -> int:
+    """`simwire templates test|encode`: offline, no store."""
+    import json
+
+    from energy_saver import bcl
+    from energy_saver.codec import Codec, DecodeError, EncodeError
+    from energy_saver.service import tester_result
+
+    try:
+        codec = Codec(bcl.parse_text(args.template.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: {args.template}: {exc}", file=sys.stderr)
+        return 2
+    except bcl.TemplateError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    if args.templates_command == "test":
+        try:
+            payload = bytes.fromhex(args.payload)
+        except ValueError:
+            print(f"error: not hex: {args.payload!r}", file=sys.stderr)
+            return 2
+        try:
+            result = tester_result(codec, payload)
+        except DecodeError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    try:
+        values = json.loads(args.values)
+        switch = None if args.switch is None else [json.loads(s) for s in args.switch]
+    except ValueError as exc:
+        print(f"error: not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(values, dict):
+        print("error: values must be a JSON object", file=sys.stderr)
+        return 2
+    try:
+        print(codec.encode(values, switch).hex())
+    except EncodeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "aws":
         return _aws(args)
+    if args.command == "templates":
+        return _templates(args)
     try:
         if args.command == "serve":
             cfg = _config(args, ("data_dir", "store", "host", "http_host", "udp_port",

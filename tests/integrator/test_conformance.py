@@ -8,6 +8,7 @@ the admin logs are as 1NCE devices expect. New endpoints (CoAPs, LwM2M) join by 
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -181,3 +182,28 @@ async def test_malformed_frames_never_stop_the_endpoint(
     assert [base64.b64decode(i["payload"]) for i in items] == [b"still alive"]
 
 
+
+
+async def test_template_active_translates_and_failures_keep_the_raw_message(
+    app: Simwire, api: Api, sim: dict[str, str], link: DeviceLink, protocol: str
+) -> None:
+    demo = {"sense": [{"switch": {"byte": 0, "type": "uint"}, "on": [{"case": 1, "do": [
+        {"asset": "data_type", "value": "Energy_Saver"},
+        {"asset": "battery", "value": {"byte": 1, "type": "uint"}},
+        {"asset": "version", "value": {"byte": 3, "bytelength": 5, "type": "string"}}]}]}]}
+    status, res = await api.call("POST", "/v1/optimize/templates", {
+        "name": "demo", "template": json.dumps(demo), "protocolFilter": [protocol],
+        "status": "ACTIVE"})
+    assert status == 201, res
+    sent = await link.uplink(bytes.fromhex("016354322e322e31dead"))  # trailing bytes ignored
+    if link.replies:
+        assert sent.reply is not None and sent.reply.code == coap.CHANGED
+    await link.uplink(b"\x01\x63")  # too short for version: ERROR event, raw kept
+    items = await eventually(lambda: history_len(api, 2))
+    by_payload = sorted(i["payload"] for i in items)
+    assert by_payload == sorted([
+        '{"data_type":"Energy_Saver","battery":99,"version":"2.2.1"}',
+        base64.b64encode(b"\x01\x63").decode()])
+    errors = await eventually(lambda: logs(api, "Translator[UserPayloadError]"))
+    assert [e["description"] for e in errors] == [
+        "Asset path:version, Error: can't extract [3:8] from 2 bytes"]

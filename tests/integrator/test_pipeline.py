@@ -9,24 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from integrator.pipeline import Ack
-from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.model import Payload, Protocol, RawUplink, Sim
 from simwire.ports import TranslationError
-from tests.support.simwire import running
+from tests.support.simwire import envelopes, running
 
 ICCID = "8988280666000002864"
 SIM = Sim(ICCID, "901405100002864", "100.91.200.24")
 T0 = 1_670_598_749_915
-
-
-def envelopes(app: Simwire) -> list[dict[str, object]]:
-    db = sqlite3.connect(app.config.data_dir / "simwire.db")
-    try:
-        rows = db.execute("SELECT envelope FROM events ORDER BY seq").fetchall()
-    finally:
-        db.close()
-    return [json.loads(r[0]) for r in rows]
 
 
 def uplink(payload: bytes, protocol: Protocol = Protocol.UDP, topic: str | None = None,

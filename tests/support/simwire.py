@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import inspect
+import json
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -68,6 +70,16 @@ class Api:
             if r.content_type == "application/json":
                 return r.status, await r.json()
             return r.status, await r.text()
+
+
+def envelopes(app: Simwire) -> list[dict[str, Any]]:
+    """Every event envelope in an SQLite-backed instance's store, in commit order."""
+    db = sqlite3.connect(app.config.data_dir / "simwire.db")
+    try:
+        rows = db.execute("SELECT envelope FROM events ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    return [json.loads(r[0]) for r in rows]
 
 
 async def eventually(check: Any, timeout: float = 5.0) -> Any:
