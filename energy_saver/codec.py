@@ -54,19 +54,33 @@ fields when both were decoded."""
 # -- numbers as 1NCE prints them -----------------------------------------------------------
 
 
+_F32_MIN_NORMAL = 1.1754943508222875e-38
+
+
 def f32_shortest(x: float) -> float:
     """The float32 `x` (widened) -> the shortest decimal that reads back as the same float32
-    (how 1NCE prints float32: 0x424bbcf9 -> 50.934544)."""
-    if not math.isfinite(x):
+    (how 1NCE prints float32: 0x424bbcf9 -> 50.934544); among equally short ones, the
+    closest.
+
+    For normal numbers two decimals of at most 6 significant digits are farther apart than
+    a float32 ulp, so if `%.6g` reads back it is the shortest; otherwise 7, 8, then 9 digits
+    (which always read back) are tried, each the closest of its length. Subnormals have
+    fewer bits: a binary search over 1..9 digits."""
+    if not math.isfinite(x) or x == 0.0:
         return x
-    lo, hi = 1, 9  # 9 significant digits always round-trip a float32
+    if abs(x) >= _F32_MIN_NORMAL:
+        for digits in ("%.6g", "%.7g", "%.8g"):
+            y = float(digits % x)
+            try:
+                if _F32.unpack(_F32.pack(y))[0] == x:
+                    return y
+            except OverflowError:
+                pass
+        return float("%.9g" % x)  # noqa: UP031 - %-format: the fastest float formatting
+    lo, hi = 1, 9
     while lo < hi:
         mid = (lo + hi) // 2
-        try:
-            same = _F32.unpack(_F32.pack(float(f"{x:.{mid}g}")))[0] == x
-        except OverflowError:
-            same = False
-        if same:
+        if _F32.unpack(_F32.pack(float(f"{x:.{mid}g}")))[0] == x:
             hi = mid
         else:
             lo = mid + 1

@@ -191,3 +191,24 @@ def test_generated_values_round_trip(data: st.DataObject) -> None:
     payload = c.encode(values, switch)
     assert c.decode(payload)[0] == values
     assert c.decode(c.encode(values))[0] == values  # the case chosen by the encoder
+
+
+def _shortest_by_search(x: float) -> float:
+    """The obvious oracle: the fewest significant digits that read back as the float32."""
+    for digits in range(1, 10):
+        y = float(f"{x:.{digits}g}")
+        try:
+            if struct.unpack("<f", struct.pack("<f", y))[0] == x:
+                return y
+        except OverflowError:
+            continue
+    raise AssertionError(x)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(min_size=4, max_size=4))
+def test_float32_shortest_form_matches_the_exhaustive_search(bits: bytes) -> None:
+    (x,) = struct.unpack("<f", bits)
+    if x != x or x in (float("inf"), float("-inf")):
+        return
+    assert f32_shortest(x) == _shortest_by_search(x)
