@@ -28,6 +28,8 @@ import construct as cs
 from energy_saver.bcl import NUMERIC, Anchor, Case, Constant, Kind, Mapping, Read, Switch
 from energy_saver.bcl import Template as Ast
 
+INLINE_CASES = 8
+"""A single switch with at most this many cases (+ no case) gets its paths inline."""
 MAX_PLANS = 256
 """Compiled execution paths kept per template; beyond, the reference decoder runs."""
 
@@ -292,6 +294,8 @@ class _Source:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.ns: dict[str, Any] = {"N": len}
+        self.depth = 0
+        """Indentation of emitted lines, in blocks."""
 
     def bind(self, prefix: str, value: Any) -> str:
         name = f"{prefix}{len(self.ns)}"
@@ -299,7 +303,7 @@ class _Source:
         return name
 
     def emit(self, line: str) -> None:
-        self.lines.append(line)
+        self.lines.append("    " * self.depth + line)
 
     def function(self, name: str) -> Any:
         src = f"def {name}(b):\n" + "".join(f"    {line}\n" for line in self.lines)
@@ -314,18 +318,25 @@ def _d(n: int) -> str:
 
 def _compile_plan(mappings: list[Mapping], short: DecodeFn) -> DecodeFn:
     """One execution path -> `f(payload) -> (value, position)`; `short(payload)` answers
-    payloads too short for it (the reference decoder: it names the field).
+    payloads too short for it (the reference decoder: it names the field)."""
+    src = _Source()
+    _emit_plan(src, mappings, src.bind("E", short))
+    fn: DecodeFn = src.function("plan")
+    return fn
+
+
+def _emit_plan(src: _Source, mappings: list[Mapping], short: str) -> None:
+    """Emit the statements decoding one execution path, ending in its `return`.
 
     The path's fixed-offset fields are fused into as few `struct.Struct`s as possible; their
     formats are the construct codecs' (`Field.code`). Byte-string conversions are inlined."""
-    src = _Source()
     reads = [(i, field(m.value)) for i, m in enumerate(mappings) if isinstance(m.value, Read)]
     var = {i: f"v{_d(i)}" for i, _ in reads}
     src.emit("n = N(b)")
     min_size = max((f.read.min_size for _, f in reads), default=0)
     if min_size:
         src.emit(f"if n < {_d(min_size)}:")
-        src.emit(f"    return {src.bind('E', short)}(b)")
+        src.emit(f"    return {short}(b)")
     for s, off, members in _fuse([(i, f, f.read.start) for i, f in reads
                                   if f.read.anchor is Anchor.START]):
         targets = "".join(var[i] + ", " for i in members)
@@ -364,8 +375,6 @@ def _compile_plan(mappings: list[Mapping], short: DecodeFn) -> DecodeFn:
         return "{" + ", ".join(items) + "}"
 
     src.emit(f"return {literal(shape)}, {position}")
-    fn: DecodeFn = src.function("plan")
-    return fn
 
 
 def _convert_expr(src: _Source, f: Field, v: str) -> str:
@@ -503,14 +512,30 @@ class Codec:
             value = f"{src.bind('T', _SIGNED8)}[b[{_d(r.start)}]]"
         else:
             value = f"{src.bind('R', _switch_reader(sw))}(b)"
-        plans = [self._path((i,)) for i in [*range(len(sw.cases)), -1]]
-        fallback = _fallback(sw) % len(plans)
+        keys = [*range(len(sw.cases)), -1]
+        fallback = _fallback(sw) % len(keys)
+        cases = src.bind("M", _case_index(sw))
+        short = src.bind("E", self._reference)
         src.emit("try:")
-        src.emit(f"    plan = {src.bind('P', plans)}[{src.bind('M', _case_index(sw))}.get("
-                 f"{value}, {_d(fallback)})]")
+        if len(keys) > INLINE_CASES:
+            plans = src.bind("P", [self._path((i,)) for i in keys])
+            src.emit(f"    plan = {plans}[{cases}.get({value}, {_d(fallback)})]")
+        else:
+            src.emit(f"    i = {cases}.get({value}, {_d(fallback)})")
         src.emit(f"except {src.bind('X', _SHORT)}:")
-        src.emit(f"    return {src.bind('E', self._reference)}(b)")
-        src.emit("return plan(b)")
+        src.emit(f"    return {short}(b)")
+        if len(keys) > INLINE_CASES:
+            src.emit("return plan(b)")
+        else:  # the paths' code inline, one `if` per case: no second call
+            for k, key in enumerate(keys):
+                mappings = list(_path_mappings(self.ast.sense, iter((key,))))
+                if k < len(keys) - 1:
+                    src.emit(f"if i == {_d(k)}:")
+                    src.depth += 1
+                    _emit_plan(src, mappings, short)
+                    src.depth -= 1
+                else:
+                    _emit_plan(src, mappings, short)
         fn: DecodeFn = src.function("decode")
         return fn
 

@@ -182,7 +182,8 @@ def test_generated_values_round_trip(data: st.DataObject) -> None:
         sense, values = data.draw(layouts(0, ""))
         switch = None
     else:
-        branches = data.draw(st.lists(layouts(1, "x."), min_size=1, max_size=3))
+        branches = [data.draw(layouts(1, f"b{k}."))  # distinct assets: one branch fits
+                    for k in range(data.draw(st.integers(1, 3)))]
         sense = [{"switch": {"byte": 0, "type": "uint"},
                   "on": [{"case": k, "do": b[0]} for k, b in enumerate(branches)]}]
         pick = data.draw(st.integers(0, len(branches) - 1))
