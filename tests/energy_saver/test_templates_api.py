@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import struct
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -354,3 +355,29 @@ def test_cli_templates_test(tmp_path: Path) -> None:
         "sense[1].asset: must be a non-empty string",
         "sense[1].value: is required (a constant or a payload selector)",
     ]
+
+
+class Positions:
+    """A PositionSink that remembers what the pipeline hands to the locator."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float, float, int]] = []
+
+    def report_position(self, device: Any, lat: float, lon: float, received_ms: int) -> None:
+        self.seen.append((device.iccid, lat, lon, received_ms))
+
+
+async def test_custom_type_positions_go_to_the_locator_after_commit(
+        api: Api, node: Simwire, device: Device) -> None:
+    positions = Positions()
+    node.pipeline._positions = positions
+    template = {"sense": [
+        {"asset": "lat", "custom_type": "location_lat",
+         "value": {"byte": 0, "bytelength": 8, "type": "float", "byteorder": "little"}},
+        {"asset": "lng", "custom_type": "location_long",
+         "value": {"byte": 8, "bytelength": 8, "type": "float", "byteorder": "little"}}]}
+    await create(api, json.dumps(template), protocolFilter=["UDP"])
+    await device.udp(struct.pack("<dd", 50.9375, 6.9603))
+    await device.udp(b"\x00")  # too short: no translation, no position
+    assert positions.seen == [(ICCID, 50.9375, 6.9603, T0)]
+    assert [i["payload"] for i in await history(api)][1] == '{"lat":50.9375,"lng":6.9603}'
