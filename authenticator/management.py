@@ -17,7 +17,7 @@ from simwire.ports import Page, SimChanges, SimRepository
 
 CSV_COLUMNS = ("iccid", "imsi", "ip", "imei", "label", "status")
 LABEL_MAX = 128
-_FIELDS = frozenset(CSV_COLUMNS)
+_FIELDS = frozenset((*CSV_COLUMNS, "imeiLock"))
 
 
 def _check_field(name: str, value: Any, errors: list[dict[str, Any]]) -> Any:
@@ -28,6 +28,10 @@ def _check_field(name: str, value: Any, errors: list[dict[str, Any]]) -> Any:
 
     if name in ("imei", "label") and value is None:
         return None
+    if name == "imeiLock":
+        if not isinstance(value, bool):
+            bad("must be true or false")
+        return value
     if not isinstance(value, str):
         bad("must be a string")
         return None
@@ -71,12 +75,13 @@ def parse_new_sim(body: Any, org: str, now_ms: int) -> Sim:
     for name in ("imei", "label"):
         values[name] = _check_field(name, body.get(name) or None, errors)
     values["status"] = _check_field("status", body.get("status") or "Enabled", errors)
+    lock = _check_field("imeiLock", body.get("imeiLock", False), errors)
     if errors:
         raise Unprocessable(errors)
     return Sim(
         iccid=values["iccid"], imsi=values["imsi"], ip=values["ip"], imei=values["imei"],
         label=values["label"], status=SimStatus(values["status"]), org=org,
-        created_ms=now_ms, updated_ms=now_ms,
+        created_ms=now_ms, updated_ms=now_ms, imei_lock=bool(lock),
     )
 
 
@@ -99,7 +104,8 @@ def parse_changes(body: Any) -> SimChanges:
             values[key] = _check_field(key, val, errors)
     if errors:
         raise Unprocessable(errors)
-    return SimChanges(**values, clear=frozenset(clear))
+    lock = values.pop("imeiLock", None)
+    return SimChanges(**values, imei_lock=lock, clear=frozenset(clear))
 
 
 class SimManagement:

@@ -30,10 +30,12 @@ from simwire.model import (
     Integration,
     IntegrationState,
     Payload,
+    PskJob,
     RawUplink,
     Saving,
     SavingsTotals,
     Sim,
+    StoredPsk,
     Template,
 )
 from simwire.model import Protocol as DeviceProtocol
@@ -122,6 +124,7 @@ class SimChanges:
     imei: str | None = None
     label: str | None = None
     status: str | None = None
+    imei_lock: bool | None = None
     clear: frozenset[str] = field(default_factory=frozenset)
     """Optional fields explicitly set to null (imei, label)."""
 
@@ -141,7 +144,9 @@ class SimRepository(Protocol):
         """Returns the updated SIM, None if absent; Conflict on a duplicate IP."""
         ...
 
-    async def delete(self, iccid: str) -> bool: ...
+    async def delete(self, iccid: str) -> bool:
+        """Also deletes the SIM's PSKs."""
+        ...
 
     async def list(self, org: str, page: int, page_size: int) -> Page[Sim]: ...
 
@@ -309,6 +314,48 @@ class SavingsRepository(Protocol):
         ...
 
 
+class PskRepository(Protocol):
+    """Device PSKs (sealed). Written by the authenticator's PSK API and import jobs and by
+    /bootstrap; read by /bootstrap and the DTLS endpoint's key lookup."""
+
+    async def get_psk(self, iccid: str, protocol: DeviceProtocol) -> StoredPsk | None: ...
+
+    async def put_psks(self, psks: Sequence[StoredPsk]) -> None:
+        """Insert or replace (by iccid + protocol), in one write."""
+        ...
+
+    async def swap_psk(self, psk: StoredPsk, expected_updated_ms: int | None) -> bool:
+        """Compare-and-set for /bootstrap: write `psk` only if the stored key's `updated_ms`
+        is `expected_updated_ms` (None: only if there is none). False if another writer
+        won; atomic across processes."""
+        ...
+
+    async def mark_bootstrapped(self, iccid: str, protocol: DeviceProtocol, at_ms: int,
+                                expected_updated_ms: int) -> None:
+        """Record a /bootstrap call that returned the key stored at `expected_updated_ms`
+        (no-op if the key changed meanwhile)."""
+        ...
+
+
+class PskJobRepository(Protocol):
+    async def create_job(self, job: PskJob) -> None: ...
+
+    async def update_job(self, job: PskJob) -> None:
+        """Replace progress fields (status, done, failed, errors, updated_ms)."""
+        ...
+
+    async def get_job(self, job_id: str) -> PskJob | None: ...
+
+    async def list_jobs(self, org: str, since_ms: int, page: int, page_size: int
+                        ) -> Page[PskJob]:
+        """One organisation's jobs created at or after `since_ms`, newest first."""
+        ...
+
+    async def interrupted_jobs(self) -> list[PskJob]:
+        """Jobs still IN_PROGRESS (at start: left by a process that died)."""
+        ...
+
+
 class Store(
     SimRepository,
     IngestStore,
@@ -320,6 +367,8 @@ class Store(
     Outbox,
     TemplateRepository,
     SavingsRepository,
+    PskRepository,
+    PskJobRepository,
     Protocol,
 ):
     """One storage backend; `simwire.storage.open_store` picks the adapter."""

@@ -29,6 +29,13 @@ Collections (in the database named by the URL path, else the `database` argument
   left out, not stored as `[]`, which a multikey index would key (as `undefined`) too.
 - `savings`: one counter document per (org, UTC day, protocol, ICCID), `_id` =
   `"<org>|<day>|<protocol>|<iccid>"`; indexes `(org, day)` and `day`.
+- `psks`: `_id` = `"<iccid>|<protocol>"`; `sealed` (BSON binary, opaque: encrypted by the
+  authenticator, never logged). The compare-and-set of /bootstrap is one single-document
+  write: an insert that fails on the `_id` (none expected) or a replace filtered on
+  `updated_ms`.
+- `psk_jobs`: `_id` = job id, `errors` an array; indexes `(org, created_ms, _id)`, `status`.
+
+SIMs written before `imei_lock` existed lack the field: they read as `imei_lock = False`.
 
 `append` groups concurrent calls (group commit, like the SQLite writer): the records queued
 while a flush is in flight are written by the next flush with one `bulk_write`/`insert_many`
@@ -52,7 +59,15 @@ from typing import Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument, UpdateOne
+from pymongo import (
+    ASCENDING,
+    DESCENDING,
+    AsyncMongoClient,
+    IndexModel,
+    ReplaceOne,
+    ReturnDocument,
+    UpdateOne,
+)
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
@@ -60,6 +75,7 @@ from pymongo.write_concern import WriteConcern
 
 from simwire.errors import BadRequest, Conflict
 from simwire.model import (
+    PSK_PROTOCOLS,
     AdminLog,
     ApiClient,
     Device,
@@ -72,9 +88,14 @@ from simwire.model import (
     LogCategory,
     LogType,
     Protocol,
+    PskFormat,
+    PskJob,
+    PskJobStatus,
+    PskOrigin,
     SavingsTotals,
     Sim,
     SimStatus,
+    StoredPsk,
     Template,
     TemplateStatus,
 )
@@ -112,6 +133,7 @@ _LOGS_BY_ORG_INDEX = "org"
 _LOGS_BY_ICCID_INDEX = "iccid"
 _CLAIMS_INDEX = "claims"
 _SAVINGS_INDEX = "org"
+_JOBS_INDEX = "org"
 
 
 class _Ids:
@@ -278,6 +300,11 @@ class MongoStore:
             IndexModel([("org", ASCENDING), ("day", ASCENDING)], name=_SAVINGS_INDEX),
             IndexModel([("day", ASCENDING)], name="day"),
         ])
+        await db.psk_jobs.create_indexes([
+            IndexModel([("org", ASCENDING), ("created_ms", ASCENDING), ("_id", ASCENDING)],
+                       name=_JOBS_INDEX),
+            IndexModel([("status", ASCENDING)], name="status"),
+        ])
 
     async def close(self) -> None:
         """Let the queued appends finish, then disconnect."""
@@ -313,6 +340,7 @@ class MongoStore:
             "_id": sim.iccid, "imsi": sim.imsi, "ip": sim.ip, "imei": sim.imei,
             "label": sim.label, "status": sim.status.value, "org": sim.org,
             "created_ms": sim.created_ms, "updated_ms": sim.updated_ms,
+            "imei_lock": sim.imei_lock,
         }
         try:
             await self._coll("sims").insert_one(doc)
@@ -329,6 +357,8 @@ class MongoStore:
                 sets[name] = str(val)
             elif name in changes.clear:
                 sets[name] = None
+        if changes.imei_lock is not None:
+            sets["imei_lock"] = bool(changes.imei_lock)
         sets["updated_ms"] = now_ms
         try:
             doc = await self._coll("sims").find_one_and_update(
@@ -340,6 +370,9 @@ class MongoStore:
 
     async def delete(self, iccid: str) -> bool:
         res = await self._coll("sims").delete_one({"_id": iccid})
+        # keys go with the SIM (a SIM re-created with this ICCID starts without keys)
+        await self._coll("psks").delete_many({"_id": {"$in": [
+            _psk_id(iccid, p) for p in PSK_PROTOCOLS]}})
         return res.deleted_count > 0
 
     async def list(self, org: str, page: int, page_size: int) -> Page[Sim]:
@@ -854,6 +887,84 @@ class MongoStore:
         result = await self._coll("savings").delete_many({"day": {"$lt": before_day}})
         return result.deleted_count
 
+    # -- PskRepository -------------------------------------------------------------------
+
+    async def get_psk(self, iccid: str, protocol: Protocol) -> StoredPsk | None:
+        doc = await self._coll("psks").find_one({"_id": _psk_id(iccid, protocol)})
+        return _psk(doc) if doc else None
+
+    async def put_psks(self, psks: Sequence[StoredPsk]) -> None:
+        """One ordered bulk of upserts (of one key given twice, the later wins). An upsert
+        that loses an insert race to another writer fails with a duplicate key: the bulk is
+        resumed from it (ordered: nothing after it ran)."""
+        ops = [ReplaceOne({"_id": _psk_id(p.iccid, p.protocol)}, _psk_doc(p), upsert=True)
+               for p in psks]
+        for _attempt in range(5):
+            if not ops:
+                return
+            try:
+                await self._coll("psks").bulk_write(ops, ordered=True)
+                return
+            except BulkWriteError as exc:
+                _raise_unless_duplicates(exc)
+                ops = ops[exc.details["writeErrors"][0]["index"]:]
+        raise RuntimeError(f"psk upsert of {len(ops)} keys kept failing")
+
+    async def swap_psk(self, psk: StoredPsk, expected_updated_ms: int | None) -> bool:
+        coll = self._coll("psks")
+        key = _psk_id(psk.iccid, psk.protocol)
+        if expected_updated_ms is None:
+            try:
+                await coll.insert_one({"_id": key, **_psk_doc(psk)})
+            except DuplicateKeyError:
+                return False
+            return True
+        result = await coll.replace_one({"_id": key, "updated_ms": expected_updated_ms},
+                                        _psk_doc(psk))
+        return result.matched_count == 1
+
+    async def mark_bootstrapped(self, iccid: str, protocol: Protocol, at_ms: int,
+                                expected_updated_ms: int) -> None:
+        await self._coll("psks").update_one(
+            {"_id": _psk_id(iccid, protocol), "updated_ms": expected_updated_ms},
+            {"$set": {"bootstrapped_ms": at_ms}})
+
+    # -- PskJobRepository ----------------------------------------------------------------
+
+    async def create_job(self, job: PskJob) -> None:
+        try:
+            await self._coll("psk_jobs").insert_one({
+                "_id": job.id, "org": job.org, "created_ms": job.created_ms,
+                "amount": job.amount, **_job_progress(job),
+            })
+        except DuplicateKeyError as exc:
+            raise Conflict(f"job {job.id} exists") from exc
+
+    async def update_job(self, job: PskJob) -> None:
+        await self._coll("psk_jobs").update_one({"_id": job.id}, {"$set": _job_progress(job)})
+
+    async def get_job(self, job_id: str) -> PskJob | None:
+        doc = await self._coll("psk_jobs").find_one({"_id": job_id})
+        return _job(doc) if doc else None
+
+    async def list_jobs(self, org: str, since_ms: int, page: int, page_size: int
+                        ) -> Page[PskJob]:
+        """Newest first: created_ms, then id, both descending."""
+        coll = self._coll("psk_jobs")
+        flt: Doc = {"org": org, "created_ms": {"$gte": since_ms}}
+        total = await coll.count_documents(flt, hint=_JOBS_INDEX)  # hinted as the other ranges
+        cursor = (
+            coll.find(flt).sort([("created_ms", DESCENDING), ("_id", DESCENDING)])
+            .skip(max(0, (page - 1) * page_size)).limit(page_size).hint(_JOBS_INDEX)
+        )
+        return Page([_job(d) async for d in cursor], page, page_amount(total, page_size))
+
+    async def interrupted_jobs(self) -> builtins.list[PskJob]:
+        """Every organisation's IN_PROGRESS jobs, oldest first."""
+        cursor = self._coll("psk_jobs").find({"status": PskJobStatus.IN_PROGRESS.value}).sort(
+            [("created_ms", ASCENDING), ("_id", ASCENDING)])
+        return [_job(d) async for d in cursor]
+
     # -- ClientRepository ----------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> ApiClient | None:
@@ -929,6 +1040,42 @@ def _template(d: Mapping[str, Any]) -> Template:
     )
 
 
+def _psk_id(iccid: str, protocol: Protocol) -> str:
+    return f"{iccid}|{protocol.value}"
+
+
+def _psk_doc(p: StoredPsk) -> Doc:
+    """The document without `_id` (a replacement keeps it)."""
+    return {
+        "iccid": p.iccid, "protocol": p.protocol.value, "sealed": bytes(p.sealed),
+        "format": p.format.value, "origin": p.origin.value, "created_ms": p.created_ms,
+        "updated_ms": p.updated_ms, "bootstrapped_ms": p.bootstrapped_ms,
+    }
+
+
+def _psk(d: Mapping[str, Any]) -> StoredPsk:
+    return StoredPsk(
+        iccid=d["iccid"], protocol=Protocol(d["protocol"]), sealed=bytes(d["sealed"]),
+        format=PskFormat(d["format"]), origin=PskOrigin(d["origin"]),
+        created_ms=d["created_ms"], updated_ms=d["updated_ms"],
+        bootstrapped_ms=d.get("bootstrapped_ms"),
+    )
+
+
+def _job_progress(j: PskJob) -> Doc:
+    """The fields `update_job` replaces."""
+    return {"updated_ms": j.updated_ms, "status": j.status.value, "done": j.done,
+            "failed": j.failed, "errors": list(j.errors)}
+
+
+def _job(d: Mapping[str, Any]) -> PskJob:
+    return PskJob(
+        id=d["_id"], org=d["org"], created_ms=d["created_ms"], updated_ms=d["updated_ms"],
+        status=PskJobStatus(d["status"]), amount=d["amount"], done=d["done"],
+        failed=d["failed"], errors=tuple(d["errors"]),
+    )
+
+
 def _savings_ops(batch: Sequence[_Pending]) -> builtins.list[UpdateOne]:
     """One `$inc` upsert per counter touched by the batch's savings (none: no ops)."""
     sums: dict[tuple[str, int, str, str], list[int]] = {}
@@ -982,7 +1129,7 @@ def _sim(d: Mapping[str, Any]) -> Sim:
     return Sim(
         iccid=d["_id"], imsi=d["imsi"], ip=d["ip"], imei=d.get("imei"), label=d.get("label"),
         status=SimStatus(d["status"]), org=d["org"], created_ms=d["created_ms"],
-        updated_ms=d["updated_ms"],
+        updated_ms=d["updated_ms"], imei_lock=bool(d.get("imei_lock", False)),
     )
 
 

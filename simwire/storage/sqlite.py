@@ -38,9 +38,14 @@ from simwire.model import (
     LogCategory,
     LogType,
     Protocol,
+    PskFormat,
+    PskJob,
+    PskJobStatus,
+    PskOrigin,
     SavingsTotals,
     Sim,
     SimStatus,
+    StoredPsk,
     Template,
     TemplateStatus,
 )
@@ -63,7 +68,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 CREATE TABLE IF NOT EXISTS sims (
     iccid TEXT PRIMARY KEY, imsi TEXT NOT NULL, ip TEXT NOT NULL UNIQUE, imei TEXT,
     label TEXT, status TEXT NOT NULL, org TEXT NOT NULL,
-    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
+    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+    imei_lock INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sims_org ON sims (org, iccid);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, org TEXT NOT NULL,
@@ -113,7 +119,24 @@ CREATE TABLE IF NOT EXISTS savings (
     messages INTEGER NOT NULL, original_bytes INTEGER NOT NULL,
     optimized_bytes INTEGER NOT NULL, PRIMARY KEY (org, day, protocol, iccid)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS savings_day ON savings (day);
+CREATE TABLE IF NOT EXISTS psks (
+    iccid TEXT NOT NULL, protocol TEXT NOT NULL, sealed BLOB NOT NULL, format TEXT NOT NULL,
+    origin TEXT NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+    bootstrapped_ms INTEGER, PRIMARY KEY (iccid, protocol)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS psk_jobs (
+    id TEXT PRIMARY KEY, org TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL, status TEXT NOT NULL, amount INTEGER NOT NULL,
+    done INTEGER NOT NULL, failed INTEGER NOT NULL, errors TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS psk_jobs_org ON psk_jobs (org, created_ms, id);
+CREATE INDEX IF NOT EXISTS psk_jobs_running ON psk_jobs (created_ms, id)
+    WHERE status = 'IN_PROGRESS';
 """
+
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("sims", "imei_lock", "INTEGER NOT NULL DEFAULT 0"),
+)
+"""(table, column, definition) added after the table was first released: `SCHEMA` creates
+new files with them, `_migrate` adds them to files written by an earlier version."""
 
 MAX_BATCH = 1024
 PURGE_CHUNK = 5000
@@ -164,6 +187,7 @@ class SqliteDatabase:
         conn = self._connect()
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(SCHEMA)
+        _migrate(conn)
         self._writer = threading.Thread(
             target=self._write_loop, args=(conn,), name="sqlite-writer", daemon=True
         )
@@ -267,6 +291,23 @@ class SqliteDatabase:
                 loop.call_soon_threadsafe(_settle, items)
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the `ADDED_COLUMNS` an older file lacks. The check and the ALTER share one
+    IMMEDIATE transaction, so processes opening the same old file at once add each column
+    once (the others wait for the lock, then see it)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, definition in ADDED_COLUMNS:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                log.info("sqlite schema: added %s.%s", table, column)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _isolated(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
     """Run `fn` in a SAVEPOINT: if it raises, its writes are undone and the rest stays."""
     conn.execute("SAVEPOINT op")
@@ -313,10 +354,11 @@ def _sim(row: Sequence[Any]) -> Sim:
     return Sim(
         iccid=row[0], imsi=row[1], ip=row[2], imei=row[3], label=row[4],
         status=SimStatus(row[5]), org=row[6], created_ms=row[7], updated_ms=row[8],
+        imei_lock=bool(row[9]),
     )
 
 
-_SIM_COLS = "iccid, imsi, ip, imei, label, status, org, created_ms, updated_ms"
+_SIM_COLS = "iccid, imsi, ip, imei, label, status, org, created_ms, updated_ms, imei_lock"
 _LOG_COLS = (
     "id, org, timestamp_ms, type, category, message, description, trace_id, iccid, imsi, ip"
 )
@@ -399,9 +441,9 @@ class SqliteStore:
         def w(c: sqlite3.Connection) -> None:
             try:
                 c.execute(
-                    f"INSERT INTO sims ({_SIM_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO sims ({_SIM_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (sim.iccid, sim.imsi, sim.ip, sim.imei, sim.label, sim.status.value,
-                     sim.org, sim.created_ms, sim.updated_ms),
+                     sim.org, sim.created_ms, sim.updated_ms, int(sim.imei_lock)),
                 )
             except sqlite3.IntegrityError as exc:
                 raise _sim_conflict(exc, sim.iccid, sim.ip) from exc
@@ -413,11 +455,11 @@ class SqliteStore:
             raise ValueError(f"only imei and label can be cleared, not {sorted(changes.clear)}")
         sets: list[str] = []
         args: list[Any] = []
-        for col in ("imsi", "ip", "imei", "label", "status"):
+        for col in ("imsi", "ip", "imei", "label", "status", "imei_lock"):
             val = getattr(changes, col)
             if val is not None:
                 sets.append(f"{col} = ?")
-                args.append(val)
+                args.append(int(val) if isinstance(val, bool) else val)
             elif col in changes.clear:
                 sets.append(f"{col} = NULL")
         sets.append("updated_ms = ?")
@@ -435,6 +477,7 @@ class SqliteStore:
 
     async def delete(self, iccid: str) -> bool:
         def w(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM psks WHERE iccid = ?", (iccid,))  # keys go with the SIM
             return c.execute("DELETE FROM sims WHERE iccid = ?", (iccid,)).rowcount > 0
 
         return await self.db.write(w)
@@ -825,6 +868,107 @@ class SqliteStore:
         return await self.db.write(lambda c: c.execute(
             "DELETE FROM savings WHERE day < ?", (before_day,)).rowcount)
 
+    # -- PskRepository -------------------------------------------------------------------
+    # `sealed` is opaque (encrypted by the authenticator): stored as a BLOB, never logged.
+    # The compare-and-set writes are single statements run by the writer thread inside its
+    # BEGIN IMMEDIATE transaction: atomic across threads and processes.
+
+    async def get_psk(self, iccid: str, protocol: Protocol) -> StoredPsk | None:
+        def q(c: sqlite3.Connection) -> StoredPsk | None:
+            row = c.execute(f"SELECT {_PSK_COLS} FROM psks WHERE iccid = ? AND protocol = ?",
+                            (iccid, protocol.value)).fetchone()
+            return _psk(row) if row else None
+
+        return await self.db.read(q)
+
+    async def put_psks(self, psks: Sequence[StoredPsk]) -> None:
+        rows = [_psk_row(p) for p in psks]
+
+        def w(c: sqlite3.Connection) -> None:  # of one key given twice, the later row wins
+            _insert_rows(c, f"INSERT OR REPLACE INTO psks ({_PSK_COLS}) VALUES ", rows)
+
+        if rows:
+            await self.db.write(w)
+
+    async def swap_psk(self, psk: StoredPsk, expected_updated_ms: int | None) -> bool:
+        row = _psk_row(psk)
+
+        def w(c: sqlite3.Connection) -> bool:
+            if expected_updated_ms is None:
+                return c.execute(
+                    f"INSERT INTO psks ({_PSK_COLS}) VALUES (?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (iccid, protocol) DO NOTHING", row).rowcount == 1
+            return c.execute(
+                "UPDATE psks SET sealed = ?, format = ?, origin = ?, created_ms = ?, "
+                "updated_ms = ?, bootstrapped_ms = ? "
+                "WHERE iccid = ? AND protocol = ? AND updated_ms = ?",
+                (*row[2:], *row[:2], expected_updated_ms)).rowcount == 1
+
+        return await self.db.write(w)
+
+    async def mark_bootstrapped(self, iccid: str, protocol: Protocol, at_ms: int,
+                                expected_updated_ms: int) -> None:
+        def w(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE psks SET bootstrapped_ms = ? "
+                      "WHERE iccid = ? AND protocol = ? AND updated_ms = ?",
+                      (at_ms, iccid, protocol.value, expected_updated_ms))
+
+        await self.db.write(w)
+
+    # -- PskJobRepository ----------------------------------------------------------------
+
+    async def create_job(self, job: PskJob) -> None:
+        def w(c: sqlite3.Connection) -> None:
+            try:
+                c.execute(f"INSERT INTO psk_jobs ({_JOB_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                          _job_row(job))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"job {job.id} exists") from exc
+
+        await self.db.write(w)
+
+    async def update_job(self, job: PskJob) -> None:
+        def w(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE psk_jobs SET status = ?, done = ?, failed = ?, errors = ?, "
+                      "updated_ms = ? WHERE id = ?",
+                      (job.status.value, job.done, job.failed, json.dumps(list(job.errors)),
+                       job.updated_ms, job.id))
+
+        await self.db.write(w)
+
+    async def get_job(self, job_id: str) -> PskJob | None:
+        def q(c: sqlite3.Connection) -> PskJob | None:
+            row = c.execute(f"SELECT {_JOB_COLS} FROM psk_jobs WHERE id = ?",
+                            (job_id,)).fetchone()
+            return _job(row) if row else None
+
+        return await self.db.read(q)
+
+    async def list_jobs(self, org: str, since_ms: int, page: int, page_size: int
+                        ) -> Page[PskJob]:
+        """Newest first: created_ms, then id, both descending."""
+        def q(c: sqlite3.Connection) -> Page[PskJob]:
+            total = c.execute("SELECT count(*) FROM psk_jobs WHERE org = ? AND created_ms >= ?",
+                              (org, since_ms)).fetchone()[0]
+            rows = c.execute(
+                f"SELECT {_JOB_COLS} FROM psk_jobs WHERE org = ? AND created_ms >= ? "
+                "ORDER BY created_ms DESC, id DESC LIMIT ? OFFSET ?",
+                (org, since_ms, page_size, max(0, (page - 1) * page_size)),
+            ).fetchall()
+            return Page([_job(r) for r in rows], page, page_amount(total, page_size))
+
+        return await self.db.read(q)
+
+    async def interrupted_jobs(self) -> builtins.list[PskJob]:
+        """Every organisation's IN_PROGRESS jobs, oldest first."""
+        def q(c: sqlite3.Connection) -> builtins.list[PskJob]:
+            # the status as a literal, so SQLite can use the partial index psk_jobs_running
+            rows = c.execute(f"SELECT {_JOB_COLS} FROM psk_jobs "
+                             "WHERE status = 'IN_PROGRESS' ORDER BY created_ms, id").fetchall()
+            return [_job(r) for r in rows]
+
+        return await self.db.read(q)
+
     # -- ClientRepository ----------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> ApiClient | None:
@@ -996,6 +1140,39 @@ def _claim(c: sqlite3.Connection, t: Template) -> None:
                               "protocol = ?", (t.org, p.value)).fetchone()
             raise Conflict(f"an ACTIVE template already translates {p.value}: "
                            f"{other[0] if other else '?'}") from exc
+
+
+_PSK_COLS = ("iccid, protocol, sealed, format, origin, created_ms, updated_ms, "
+             "bootstrapped_ms")
+
+
+def _psk_row(p: StoredPsk) -> tuple[Any, ...]:
+    return (p.iccid, p.protocol.value, bytes(p.sealed), p.format.value, p.origin.value,
+            p.created_ms, p.updated_ms, p.bootstrapped_ms)
+
+
+def _psk(row: Sequence[Any]) -> StoredPsk:
+    return StoredPsk(
+        iccid=row[0], protocol=Protocol(row[1]), sealed=bytes(row[2]),
+        format=PskFormat(row[3]), origin=PskOrigin(row[4]), created_ms=row[5],
+        updated_ms=row[6], bootstrapped_ms=row[7],
+    )
+
+
+_JOB_COLS = "id, org, created_ms, updated_ms, status, amount, done, failed, errors"
+
+
+def _job_row(j: PskJob) -> tuple[Any, ...]:
+    return (j.id, j.org, j.created_ms, j.updated_ms, j.status.value, j.amount, j.done,
+            j.failed, json.dumps(list(j.errors)))
+
+
+def _job(row: Sequence[Any]) -> PskJob:
+    return PskJob(
+        id=row[0], org=row[1], created_ms=row[2], updated_ms=row[3],
+        status=PskJobStatus(row[4]), amount=row[5], done=row[6], failed=row[7],
+        errors=tuple(json.loads(row[8])),
+    )
 
 
 def _expire_outbox(c: sqlite3.Connection, first_seq: int, last_seq: int) -> None:

@@ -101,3 +101,15 @@ async def test_list_is_paged(api: Api) -> None:
     assert [s["iccid"] for s in body["items"]] == [f"89882806660000001{i}" for i in (20, 21, 22)]
     status, body = await api.call("GET", "/v1/sims", params={"pageSize": "0"})
     assert status == 400 and body["errors"][0]["property"] == "pageSize"
+
+
+async def test_imei_lock_is_set_read_and_changed(api: Api) -> None:
+    status, body = await api.call("POST", "/v1/sims", {**SIM, "imeiLock": True})
+    assert status == 201 and body["imeiLock"] is True
+    status, body = await api.call("PATCH", f"/v1/sims/{SIM['iccid']}", {"imeiLock": False})
+    assert status == 200 and body["imeiLock"] is False
+    status, body = await api.call("GET", f"/v1/sims/{SIM['iccid']}")
+    assert body["imeiLock"] is False
+    status, body = await api.call("PATCH", f"/v1/sims/{SIM['iccid']}", {"imeiLock": "yes"})
+    assert status == 422
+    assert body["errors"] == [{"property": "imeiLock", "message": "must be true or false"}]

@@ -241,6 +241,30 @@ async def test_sim_update_duplicate_ip_conflicts(store: Store) -> None:
     )
 
 
+async def test_sim_imei_lock_stored_and_returned_by_every_read(store: Store) -> None:
+    locked = make_sim(1, imei_lock=True)
+    await store.create(locked)
+    await store.create(make_sim(2))
+    assert await store.get(iccid(1)) == locked
+    assert await store.find_by_ip(ip(1)) == locked
+    assert (await store.list(ORG, 1, 10)).items == [locked, make_sim(2)]
+    unlocked = await store.get(iccid(2))
+    assert unlocked is not None and unlocked.imei_lock is False
+
+
+async def test_sim_update_sets_and_clears_imei_lock(store: Store) -> None:
+    await store.create(make_sim(1))
+    updated = await store.update(iccid(1), SimChanges(imei_lock=True), T0 + 1)
+    assert updated == make_sim(1, imei_lock=True, updated_ms=T0 + 1)
+    assert await store.find_by_ip(ip(1)) == updated
+    # other changes keep it
+    updated = await store.update(iccid(1), SimChanges(label="x", ip=ip(9)), T0 + 2)
+    assert updated == make_sim(1, imei_lock=True, label="x", ip=ip(9), updated_ms=T0 + 2)
+    updated = await store.update(iccid(1), SimChanges(imei_lock=False), T0 + 3)
+    assert updated == make_sim(1, label="x", ip=ip(9), updated_ms=T0 + 3)
+    assert await store.get(iccid(1)) == updated
+
+
 async def test_sim_delete(store: Store) -> None:
     await store.create(make_sim(1))
     assert await store.delete(iccid(1)) is True
@@ -687,10 +711,12 @@ async def test_meta_first_writer_wins(store: Store) -> None:
 
 async def test_reopen_keeps_data(store: Store, open_store: StoreOpener) -> None:
     sim = make_sim(1)
+    locked = make_sim(3, imei_lock=True)
     reg = registration(1, T0)
     state = DeviceState(iccid(1), Protocol.UDP, "payload", None, T0)
     client = ApiClient("admin", "hash", "admin", ORG, T0)
     await store.create(sim)
+    await store.create(locked)
     await store.append(IngestRecord((telemetry(1, T0, b"kept"),), state=state,
                                     logs=(admin_log(T0 + 1, n=1),), registration=reg))
     await store.create_client(client)
@@ -700,6 +726,7 @@ async def test_reopen_keeps_data(store: Store, open_store: StoreOpener) -> None:
     again = await open_store()
     assert await again.get(iccid(1)) == sim
     assert await again.find_by_ip(ip(1)) == sim
+    assert await again.get(iccid(3)) == locked
     assert await again.get_device(iccid(1)) == reg.device
     assert await again.get_state(iccid(1), Protocol.UDP) == state
     page = await again.history(HistoryQuery(iccid(1), T0, T0))
