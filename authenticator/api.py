@@ -1,11 +1,14 @@
-"""SIM registry API (`/v1/sims`), mounted by simwire.app. Tenants see only their SIMs."""
+"""SIM registry API (`/v1/sims`) and device PSK API (`/v1/integrate/devices/...psk`),
+mounted by simwire.app. Tenants see only their SIMs and keys."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from authenticator.management import SimManagement
-from simwire.http import json_response, principal, query_int, read_json, requires
+from authenticator.psk import PskService, job_to_api
+from authenticator.psk import to_api as psk_to_api
+from simwire.http import MAX_BULK_BODY, json_response, principal, query_int, read_json, requires
 
 
 def routes(sims: SimManagement) -> web.RouteTableDef:
@@ -48,5 +51,50 @@ def routes(sims: SimManagement) -> web.RouteTableDef:
     async def delete(request: web.Request) -> web.Response:
         await sims.delete(request.match_info["iccid"], principal(request).org)
         return web.Response(status=204)
+
+    return table
+
+
+def psk_routes(psks: PskService) -> web.RouteTableDef:
+    """Device PSKs (1NCE paths under `/v1/integrate/devices`). Keys are secrets: reading
+    one needs the operator role, like setting it."""
+    table = web.RouteTableDef()
+
+    async def _set(request: web.Request) -> web.Response:
+        psk = await psks.set(request.match_info["iccid"], await read_json(request),
+                             principal(request).org)
+        return json_response(psk_to_api(psk))
+
+    table.post("/v1/integrate/devices/{iccid}/psk")(requires("operator")(_set))
+    table.post("/v1/integrate/devices/{iccid}/presharedkey")(requires("operator")(_set))
+
+    @table.get("/v1/integrate/devices/{iccid}/psk/{protocol}")
+    @requires("operator")
+    async def get(request: web.Request) -> web.Response:
+        psk = await psks.get(request.match_info["iccid"], request.match_info["protocol"],
+                             principal(request).org)
+        return json_response(psk_to_api(psk))
+
+    @table.post("/v1/integrate/devices/psk/jobs")
+    @requires("operator")
+    async def start_job(request: web.Request) -> web.Response:
+        job = await psks.start_import(await read_json(request, MAX_BULK_BODY),
+                                      principal(request).org)
+        return json_response(job_to_api(job), 202)
+
+    @table.get("/v1/integrate/devices/psk/jobs")
+    @requires("operator")
+    async def list_jobs(request: web.Request) -> web.Response:
+        page = await psks.list_jobs(principal(request).org,
+                                    query_int(request, "page", 1, 1, 1_000_000),
+                                    query_int(request, "pageSize", 10, 1, 100))
+        return json_response({"items": [job_to_api(j) for j in page.items],
+                              "page": page.page, "pageAmount": page.page_amount})
+
+    @table.get("/v1/integrate/devices/psk/jobs/{id}")
+    @requires("operator")
+    async def get_job(request: web.Request) -> web.Response:
+        return json_response(job_to_api(await psks.get_job(request.match_info["id"],
+                                                           principal(request).org)))
 
     return table

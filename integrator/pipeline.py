@@ -149,7 +149,8 @@ class Pipeline:
     ) -> None:
         if sim is None or not sim.enabled or (
             raw.dtls_identity is not None and raw.dtls_identity != sim.iccid
-        ):
+        ) or (sim.imei_lock and sim.imei is not None and raw.imei is not None
+              and raw.imei != sim.imei):
             self._refuse(raw, sim)
             self._finish(done, Ack.UNAUTHORIZED)
             return
@@ -225,9 +226,12 @@ class Pipeline:
             reason, desc = "unknown", f"Message from unknown device IP {raw.source_ip} dropped"
         elif not sim.enabled:
             reason, desc = "disabled", f"Message from disabled SIM {sim.iccid} dropped"
-        else:
+        elif raw.dtls_identity is not None and raw.dtls_identity != sim.iccid:
             reason = "identity"
             desc = f"DTLS identity {raw.dtls_identity!r} does not match SIM {sim.iccid}"
+        else:
+            reason = "imei"
+            desc = f"IMEI {raw.imei} is not the IMEI {sim.imei} locked to SIM {sim.iccid}"
         self._counters[raw.protocol].unauthorized()
         self._warn.warning(f"{reason}:{raw.source_ip}", "%s uplink refused: %s",
                            raw.protocol.value, desc)

@@ -23,6 +23,7 @@ from aiohttp import web
 from authenticator import api as sims_api
 from authenticator.lookup import SimLookup
 from authenticator.management import SimManagement
+from authenticator.psk import Bootstrap, PskService, SecretBox
 from energy_saver import api as templates_api
 from energy_saver.service import SAVINGS_KEEP_DAYS, Templates
 from energy_saver.translator import CodecCache, TemplateTranslator
@@ -74,6 +75,7 @@ class Simwire:
         self.admin_logs: AdminLogWriter
         self.dispatcher: Dispatcher
         self.translator: TemplateTranslator
+        self.psks: PskService
         self.ports: BoundPorts
         self.http_app: web.Application
         self.generated_admin: tuple[str, str] | None = None
@@ -104,6 +106,11 @@ class Simwire:
             self.admin_logs = AdminLogWriter(self.store, self.clock, self.metrics)
             self.admin_logs.start()
             stack.push_async_callback(self.admin_logs.stop)
+            box = SecretBox.from_file(cfg.psk_key_file or cfg.data_dir / "psk-seal.key")
+            self.psks = PskService(self.store, self.store, lookup, box, self.clock)
+            await self.psks.finish_interrupted()
+            stack.push_async_callback(self.psks.stop)
+            bootstrap = Bootstrap(self.psks, lookup, self.admin_logs, cfg.coaps_url)
             self.retention = Retention(
                 self.store, self.clock, self.metrics, cfg.retention_days, cfg.purge_interval_s,
                 savings=self.store, savings_days=SAVINGS_KEEP_DAYS,
@@ -132,6 +139,7 @@ class Simwire:
                 [
                     clients_api.routes(self.store, self.clock),
                     sims_api.routes(self.sims),
+                    sims_api.psk_routes(self.psks),
                     inspector_api.routes(self.store, self.store, self.store, self.store,
                                          self.clock),
                     integrations_api.routes(integrations),
@@ -160,7 +168,7 @@ class Simwire:
             stack.callback(udp.close)
             coap = await coap_endpoint.serve(
                 cfg.host, cfg.coap_port, self.pipeline, self.clock, self.metrics,
-                coap_endpoint.CoapConfig(max_payload=cfg.max_payload),
+                coap_endpoint.CoapConfig(max_payload=cfg.max_payload), bootstrap.answer,
             )
             stack.callback(coap.close)
             self.ports = BoundPorts(udp.port, coap.port, http_port)

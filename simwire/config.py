@@ -24,6 +24,15 @@ class Config:
     """API address when it differs from `host` (e.g. 127.0.0.1 behind a reverse proxy)."""
     udp_port: int = 4445
     coap_port: int = 5683
+    coaps_port: int = 5684
+    """CoAP over DTLS-PSK (identity = ICCID, key = the device's COAP PSK)."""
+    coaps_url: str = "coaps://coap.os.1nce.com:5684"
+    """Third field of the `/bootstrap` answer: where devices reach CoAP over DTLS (the 1NCE
+    SDK ignores it and uses its compiled endpoint; other clients may use it)."""
+    psk_key_file: Path | None = None
+    """The 32-byte key sealing device PSKs at rest; default `<data_dir>/psk-seal.key`,
+    created on first start. Every process sharing a store needs the same file; keep it
+    out of database backups' reach."""
     http_port: int = 8080
     data_dir: Path = Path("data")
     """Where the embedded SQLite store lives (`simwire.db`)."""

@@ -33,6 +33,8 @@ log = logging.getLogger("simwire.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PRINCIPAL = web.RequestKey("simwire.principal", Principal)
 MAX_BODY = 64 * 1024
+"""Request bodies (1NCE's limit); routes that take bulk lists pass `read_json(limit=)`."""
+MAX_BULK_BODY = 1024 * 1024
 _HTTP_KINDS = {k.http_status: k for k in ErrorKind}
 
 
@@ -62,11 +64,15 @@ def error_response(kind: ErrorKind, errors: list[dict[str, Any]]) -> web.Respons
     return json_response(error_body(kind, errors), kind.http_status)
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
     if request.content_type not in ("application/json", ""):
         raise SimwireError(ErrorKind.UNSUPPORTED_MEDIA, "Content-Type must be application/json")
+    if request.content_length is not None and request.content_length > limit:
+        raise SimwireError(ErrorKind.TOO_LARGE, f"body larger than {limit} bytes")
     try:
-        raw = await request.read()
+        raw = await request.read()  # at most MAX_BULK_BODY (aiohttp answers 413 beyond)
+        if len(raw) > limit:
+            raise SimwireError(ErrorKind.TOO_LARGE, f"body larger than {limit} bytes")
         return json.loads(raw)
     except web.HTTPRequestEntityTooLarge:
         raise
@@ -205,7 +211,7 @@ def build_api(
     async def metrics_route(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
-    app = web.Application(middlewares=[boundary], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[boundary], client_max_size=MAX_BULK_BODY)
     app.router.add_post("/oauth/token", token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_route)

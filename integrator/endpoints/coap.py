@@ -1,10 +1,14 @@
-"""CoAP ingest endpoint (:5683), as 1NCE devices expect it (spec section 1.4).
+"""CoAP ingest endpoint (:5683, and behind DTLS on :5684), as 1NCE devices expect it
+(spec sections 1.4, 1.5, 2.2).
 
 POST on `/`, `/data` or no Uri-Path; CON (piggy-backed ACK) and NON (NON response); any
 token; `t=` Uri-Query topic; 2.04 once the message is durably stored; 4.01 for unknown or
 disabled SIMs; 4.00 for a bad topic; 4.04 for GET or unknown paths; duplicates of (peer,
 MID) within EXCHANGE_LIFETIME get the same reply without being stored twice; malformed
-datagrams are dropped silently and counted. Knows only the wire format and the pipeline.
+datagrams are dropped silently and counted. `GET /bootstrap` (plain port only) answers the
+Device Authenticator's `<iccid>,<psk>,<url>` through a hook. Behind DTLS the transport
+names each peer's PSK identity, carried with the message. Knows only the wire format, the
+pipeline and the bootstrap hook.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import re
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from integrator import coap
@@ -29,6 +34,9 @@ log = logging.getLogger("simwire.integrator.coap")
 EXCHANGE_LIFETIME_S = 247.0
 TOPIC_RE = re.compile(r"[A-Za-z0-9_/]{1,253}")
 INGEST_PATHS = ((), ("",), ("data",))
+BOOTSTRAP_PATH = ("bootstrap",)
+BootstrapHook = Callable[[str], Awaitable[bytes | None]]
+"""Source IP -> the /bootstrap payload, or None: unauthorized (authenticator.psk)."""
 # Options this endpoint understands; any other critical (odd) option -> 4.02.
 KNOWN_OPTIONS = frozenset({
     coap.OPT_URI_HOST, coap.OPT_URI_PORT, coap.OPT_URI_PATH, coap.OPT_CONTENT_FORMAT,
@@ -98,9 +106,12 @@ class DedupCache:
 class CoapServerProtocol(asyncio.DatagramProtocol):
     def __init__(
         self, pipeline: Pipeline, clock: Clock, metrics: Metrics, config: CoapConfig,
-        protocol: Protocol = Protocol.COAP,
+        protocol: Protocol = Protocol.COAP, bootstrap: BootstrapHook | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._bootstrap = bootstrap
+        self._identity: Callable[[tuple[str, int]], str | None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._metrics = metrics
         self._config = config
@@ -118,6 +129,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # a datagram transport
+        self._identity = getattr(transport, "identity", None)  # DTLS: the peer's identity
 
     def error_received(self, exc: Exception) -> None:
         self._warn.warning("socket", "CoAP socket error: %s", exc)
@@ -159,6 +171,12 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
                 self._finish(msg, addr, key, coap.BAD_OPTION, f"unsupported option {number}")
                 return
         route = tuple(path)
+        if route == BOOTSTRAP_PATH and self._bootstrap is not None:
+            if msg.code != coap.GET:
+                self._finish(msg, addr, key, coap.METHOD_NOT_ALLOWED, "")
+                return
+            self._answer_bootstrap(msg, addr, key, self._bootstrap)
+            return
         if route not in INGEST_PATHS:
             self._finish(msg, addr, key, coap.NOT_FOUND, "Not Found")
             return
@@ -190,10 +208,33 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             pending.data = data
             self._send(data, addr)
 
+        identity = self._identity(addr) if self._identity is not None else None
         self._pipeline.submit(
-            RawUplink(self._protocol, addr[0], addr[1], msg.payload, self._clock.now_ms(), topic),
+            RawUplink(self._protocol, addr[0], addr[1], msg.payload, self._clock.now_ms(), topic,
+                      identity),
             answer,
         )
+
+    def _answer_bootstrap(self, msg: coap.Message, addr: tuple[str, int],
+                          key: tuple[str, int, int], hook: BootstrapHook) -> None:
+        pending = self._dedup.put(key)
+
+        async def run() -> None:
+            try:
+                payload = await hook(addr[0])
+            except Exception:
+                log.exception("/bootstrap failed for %s", addr[0])
+                data = self._response(msg, coap.INTERNAL_SERVER_ERROR, b"")
+            else:
+                data = (self._response(msg, coap.UNAUTHORIZED, b"") if payload is None else
+                        self._response(msg, coap.CONTENT, payload,
+                                       [(coap.OPT_CONTENT_FORMAT, b"")], sdk_safe=True))
+            pending.data = data
+            self._send(data, addr)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _finish(
         self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int], code: int,
@@ -205,8 +246,10 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
 
     def _response(
         self, req: coap.Message, code: int, payload: bytes,
-        options: list[tuple[int, bytes]] | None = None,
+        options: list[tuple[int, bytes]] | None = None, sdk_safe: bool = False,
     ) -> bytes:
+        """`sdk_safe`: a NON reply's MID has no 0x00 byte and forms no "89" with its
+        neighbours (the 1NCE SDK reads the reply with strstr; spec section 2.2)."""
         if req.mtype == coap.CON:
             if not payload and not options:  # the hot case: a bare piggy-backed ACK
                 return bytes((0x60 | len(req.token), code, req.mid >> 8, req.mid & 0xFF)
@@ -214,6 +257,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             mtype, mid = coap.ACK, req.mid
         else:
             self._mid = (self._mid + 1) & 0xFFFF
+            while sdk_safe and not _sdk_safe_mid(self._mid):
+                self._mid = (self._mid + 1) & 0xFFFF
             mtype, mid = coap.NON, self._mid
         return coap.serialize(coap.Message(mtype, code, mid, req.token, options or [], payload))
 
@@ -222,15 +267,20 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             self._transport.sendto(data, addr)
 
 
+def _sdk_safe_mid(mid: int) -> bool:
+    hi, lo = mid >> 8, mid & 0xFF
+    return 0 not in (hi, lo) and (hi, lo) != (0x38, 0x39) and lo != 0x38
+
+
 async def serve(
     host: str, port: int, pipeline: Pipeline, clock: Clock, metrics: Metrics,
-    config: CoapConfig | None = None,
+    config: CoapConfig | None = None, bootstrap: BootstrapHook | None = None,
 ) -> DatagramServer:
     """Start the CoAP endpoint; called by simwire.app."""
     cfg = config or CoapConfig()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: CoapServerProtocol(pipeline, clock, metrics, cfg),
+        lambda: CoapServerProtocol(pipeline, clock, metrics, cfg, bootstrap=bootstrap),
         sock=bind_udp(host, port, cfg.rcvbuf),
     )
     return DatagramServer(transport)

@@ -11,7 +11,7 @@ from pathlib import Path
 from integrator.pipeline import Ack
 from simwire.clock import ManualClock
 from simwire.model import Payload, Protocol, RawUplink, Sim
-from simwire.ports import TranslationError
+from simwire.ports import AdminLogQuery, TranslationError
 from tests.support.simwire import envelopes, running
 
 ICCID = "8988280666000002864"
@@ -125,3 +125,19 @@ def test_fast_envelope_equals_the_generic_encoder() -> None:
     odd = Event(id='1-"x', type=EventType.TELEMETRY_DATA, received_ms=T0, org="default",
                 device=ident, source=Protocol.UDP, payload=Payload(raw=b"x"))
     assert json.loads(odd.envelope_json())["id"] == '1-"x'  # unsafe id: generic encoder
+
+
+async def test_imei_lock_refuses_another_imei(tmp_path: Path) -> None:
+    """GIVEN a SIM locked to its IMEI, WHEN the network reports another IMEI, THEN the
+    message is refused (CoAP 4.01) and logged; the locked IMEI or an unknown one passes."""
+    async with running(tmp_path / "d", clock=ManualClock(T0)) as app:
+        locked = Sim(ICCID, "901405100002864", SIM.ip, imei="356938035643809", imei_lock=True)
+        await app.store.create(locked)
+        for imei, ack in (("356938035643809", Ack.STORED), (None, Ack.STORED),
+                          ("356938035643817", Ack.UNAUTHORIZED)):
+            raw = RawUplink(Protocol.UDP, SIM.ip, 40000, b"x", T0, imei=imei)
+            assert await app.pipeline.handle_uplink(raw) is ack, imei
+        await app.admin_logs.flush()
+        page = await app.store.list_logs(AdminLogQuery(org="default"))
+    assert [e.description for e in page.items if e.message.startswith("DeviceIntegrator")] == [
+        f"IMEI 356938035643817 is not the IMEI 356938035643809 locked to SIM {ICCID}"]
