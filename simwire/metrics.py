@@ -88,7 +88,11 @@ class Metrics:
         self.translations = UplinkCounters(
             "simwire_translations", "Energy Saver translations by protocol and outcome "
             "(translated, failed)")
+        self.dtls = UplinkCounters(
+            "simwire_dtls", "DTLS handshake and session outcomes (handshake, hello_verify, "
+            "handshake_failed, evicted, ...)")
         self.registry.register(self.uplinks)
+        self.registry.register(self.dtls)
         self.registry.register(self.translations)
         self.registry.register(self.ingest_seconds)
         self.api_requests = Counter(
