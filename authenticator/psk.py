@@ -15,6 +15,7 @@ import os
 import secrets
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +55,9 @@ MAX_IMPORT_ITEMS = 5000
 JOB_BATCH = 500
 JOB_ERRORS_KEPT = 100
 JOBS_LISTED_DAYS = 30
+KEY_CACHE_S = 10.0
+"""DTLS key lookups are cached this long (a handshake asks twice); local changes drop the
+entry at once, other processes' changes show within this time."""
 
 
 class SecretBox:
@@ -136,6 +140,16 @@ class PskService:
         self._box = box
         self._clock = clock
         self._jobs: set[asyncio.Task[None]] = set()
+        self._keys: dict[str, tuple[float, str, bytes]] = {}
+        self.on_change: list[Callable[[str], object]] = []
+        """Called with a SIM's IP when its COAP key changes (the DTLS endpoint drops the
+        sessions made with the old key)."""
+
+    def _changed(self, sim: Sim, protocol: DeviceProtocol) -> None:
+        self._keys.pop(sim.iccid, None)
+        if protocol is DeviceProtocol.COAP:
+            for hook in self.on_change:
+                hook(sim.ip)
 
     # -- sealing ---------------------------------------------------------------------------
 
@@ -163,13 +177,14 @@ class PskService:
         item = _parse_item(body, problems, "", KEY_MAX, need_device=False)
         problems.raise_any()
         assert item is not None
-        await self._own_sim(iccid, org)
+        sim = await self._own_sim(iccid, org)
         secret, protocol, fmt = item
         now = self._clock.now_ms()
         old = await self._repo.get_psk(iccid, protocol)
         psk = DevicePsk(iccid, protocol, secret, fmt, PskOrigin.API,
                         old.created_ms if old else now, now)
         await self._repo.put_psks([self._seal(psk)])
+        self._changed(sim, protocol)
         return psk
 
     async def get(self, iccid: str, protocol: str, org: str) -> DevicePsk:
@@ -202,6 +217,7 @@ class PskService:
                               now, now)
             if await self._repo.swap_psk(self._seal(fresh),
                                          stored.updated_ms if stored else None):
+                self._changed(sim, DeviceProtocol.COAP)
                 return fresh
         raise RuntimeError(f"PSK of {sim.iccid} kept changing during /bootstrap")
 
@@ -211,14 +227,22 @@ class PskService:
         sim = await self._lookup.by_ip(ip)
         if sim is None or not sim.enabled:
             return None
+        now = self._clock.monotonic()
+        cached = self._keys.get(sim.iccid)
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
         stored = await self._repo.get_psk(sim.iccid, DeviceProtocol.COAP)
         if stored is None:
             return None
         try:
-            return sim.iccid, self._open(stored).key
+            key = self._open(stored).key
         except SealError:
             log.error("the COAP key of %s cannot be opened with this sealing key", sim.iccid)
             return None
+        if len(self._keys) >= 100_000:
+            self._keys.clear()
+        self._keys[sim.iccid] = (now + KEY_CACHE_S, sim.iccid, key)
+        return sim.iccid, key
 
     # -- import jobs -------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from inspector import api as inspector_api
 from inspector.adminlog import AdminLogWriter
 from inspector.retention import Retention
 from integrator.endpoints import coap as coap_endpoint
+from integrator.endpoints import dtls as dtls_endpoint
 from integrator.endpoints import udp as udp_endpoint
 from integrator.forwarders import api as integrations_api
 from integrator.forwarders.dispatcher import Dispatcher, ForwarderConfig
@@ -44,6 +45,7 @@ from simwire.clock import Clock, SystemClock
 from simwire.config import Config
 from simwire.http import build_api
 from simwire.metrics import Metrics
+from simwire.model import LogCategory, LogType
 from simwire.ports import Store, Translator
 from simwire.storage import open_store
 
@@ -55,6 +57,7 @@ class BoundPorts:
     udp: int
     coap: int
     http: int
+    coaps: int
 
 
 class Simwire:
@@ -76,6 +79,7 @@ class Simwire:
         self.dispatcher: Dispatcher
         self.translator: TemplateTranslator
         self.psks: PskService
+        self._lookup: SimLookup
         self.ports: BoundPorts
         self.http_app: web.Application
         self.generated_admin: tuple[str, str] | None = None
@@ -102,6 +106,7 @@ class Simwire:
             templates = Templates(self.store, self.translator, codecs, self.clock)
 
             lookup = SimLookup(self.store, self.clock, ttl_s=cfg.sim_cache_ttl_s)
+            self._lookup = lookup
             self.sims = SimManagement(self.store, lookup, self.clock)
             self.admin_logs = AdminLogWriter(self.store, self.clock, self.metrics)
             self.admin_logs.start()
@@ -171,15 +176,35 @@ class Simwire:
                 coap_endpoint.CoapConfig(max_payload=cfg.max_payload), bootstrap.answer,
             )
             stack.callback(coap.close)
-            self.ports = BoundPorts(udp.port, coap.port, http_port)
+            coaps = await dtls_endpoint.serve(
+                cfg.host, cfg.coaps_port,
+                coap_endpoint.CoapServerProtocol(
+                    self.pipeline, self.clock, self.metrics,
+                    coap_endpoint.CoapConfig(max_payload=cfg.max_payload)),
+                self.psks, self.clock, self.metrics, on_refused=self._dtls_refused,
+            )
+            stack.callback(coaps.close)
+            self.psks.on_change.append(coaps.endpoint.forget)
+            self.ports = BoundPorts(udp.port, coap.port, http_port, coaps.port)
         except BaseException:
             await stack.aclose()
             raise
         log.info(
-            "simwire listening: udp %s:%d coap %s:%d http %s:%d store %s",
-            cfg.host, self.ports.udp, cfg.host, self.ports.coap,
+            "simwire listening: udp %s:%d coap %s:%d coaps %s:%d http %s:%d store %s",
+            cfg.host, self.ports.udp, cfg.host, self.ports.coap, cfg.host, self.ports.coaps,
             cfg.http_host or cfg.host, self.ports.http, self.store.name,
         )
+
+    def _dtls_refused(self, ip: str, reason: str) -> None:
+        """A DTLS peer got no session (the endpoint rate-limits this per IP)."""
+        _, sim = self._lookup.cached(ip)
+        if sim is None:  # no SIM: the source address may be spoofed; counted, not logged
+            return
+        self.admin_logs.add(
+            sim.org, LogType.DEVICE, LogCategory.ERROR,
+            "DeviceAuthenticator[DtlsHandshakeFailed]",
+            f"DTLS session refused for {ip}: {reason}", iccid=sim.iccid, imsi=sim.imsi,
+            ip=ip, rate_key=f"dtls:{ip}")
 
     async def stop(self) -> None:
         await self._stack.aclose()
@@ -224,7 +249,8 @@ async def run(config: Config) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
-    print(f"simwire ready udp={app.ports.udp} coap={app.ports.coap} http={app.ports.http}",
+    print(f"simwire ready udp={app.ports.udp} coap={app.ports.coap} coaps={app.ports.coaps} "
+          f"http={app.ports.http}",
           flush=True)
     try:
         await stop.wait()

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-host", dest="http_host", help="API address if not --host")
     serve.add_argument("--udp-port", dest="udp_port", type=int, help="default 4445")
     serve.add_argument("--coap-port", dest="coap_port", type=int, help="default 5683")
+    serve.add_argument("--coaps-port", dest="coaps_port", type=int,
+                       help="CoAP over DTLS-PSK, default 5684")
     serve.add_argument("--http-port", dest="http_port", type=int, help="default 8080")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             cfg = _config(args, ("data_dir", "store", "host", "http_host", "udp_port",
-                                 "coap_port", "http_port", "log_level", "log_format"))
+                                 "coap_port", "coaps_port", "http_port", "log_level",
+                                 "log_format"))
         else:
             cfg = _config(args, ("data_dir", "store"))
     except (OSError, ValueError) as exc:

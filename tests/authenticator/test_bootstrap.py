@@ -23,6 +23,7 @@ from simwire.app import Simwire
 from simwire.clock import ManualClock
 from tests.support.net import UdpClient
 from tests.support.simwire import Api, eventually, running
+from tests.support.tools import require_binary
 
 VECTORS = {d["name"]: d for d in json.loads(
     (Path(__file__).parents[2].parent / "shared/spec/vectors/coap.json").read_text())["datagrams"]}
@@ -160,3 +161,36 @@ async def test_keys_are_sealed_at_rest(node: Simwire, api: Api) -> None:
     raw = b"".join(p.read_bytes() for p in (node.config.data_dir).glob("simwire.db*"))
     assert psk.encode() not in raw
     assert (node.config.data_dir / "psk-seal.key").stat().st_mode & 0o777 == 0o600
+
+
+async def coap_client(binary: str, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        require_binary(binary), *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode or 0, (out + err).decode(errors="replace")
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("binary", ["coap-client-openssl", "coap-client-gnutls"])
+async def test_bootstrap_then_post_over_dtls_with_libcoap(
+        node: Simwire, api: Api, binary: str) -> None:
+    """End to end: the SDK's /bootstrap, then a real DTLS client with that key -> 2.04 ->
+    stored as COAP; the wrong key gets no session and stores nothing."""
+    identity, psk, _ = sdk_parse(await ask(node))
+    url = f"coaps://127.0.0.1:{node.ports.coaps}/?t=test"
+    code, out = await coap_client(binary, "-a", IP, "-u", identity, "-k", psk, "-m", "post",
+                                  "-e", "over dtls", "-B", "10", url)
+    assert code == 0, out
+    status, body = await api.call("GET", f"/v1/inspect/devices/{ICCID}/history")
+    assert [(i["protocol"], i["payload"], i.get("topic")) for i in body["items"]] == [
+        ("COAP", "b3ZlciBkdGxz", "test")]
+    code, out = await coap_client(binary, "-a", IP, "-u", identity, "-k", "wrong-key-123",
+                                  "-m", "post", "-e", "nope", "-B", "5", url)
+    status, body = await api.call("GET", f"/v1/inspect/devices/{ICCID}/history")
+    assert len(body["items"]) == 1

@@ -124,7 +124,9 @@ def test_encoding_a_decoded_payload_decodes_to_the_same(doc: dict[str, Any],
         encoded = c.encode(decoded[0])
     except EncodeError:
         return
-    assert c.decode(encoded) == decoded
+    # the JSON round-trips; positions may come from fields a later asset overwrote, which
+    # the encoder (given only the JSON) leaves zero
+    assert c.decode(encoded)[0] == decoded[0]
 
 
 # -- generated layouts and values ------------------------------------------------------------

@@ -16,13 +16,19 @@ import pytest
 
 from integrator import coap
 from simwire.app import Simwire
-from tests.support.devices import DeviceLink, open_link
+from tests.support.devices import CoapLink, CoapsLink, DeviceLink, open_link
 from tests.support.simwire import Api, eventually, running
 
 KNOWN = {"iccid": "8988280666000000011", "imsi": "901405100000011", "ip": "127.0.0.11"}
 OTHER_IP = "127.0.0.12"
 
-pytestmark = pytest.mark.parametrize("protocol", ["UDP", "COAP"])
+KEY = b"conformance-key1"
+pytestmark = pytest.mark.parametrize("protocol", ["UDP", "COAP", "COAPS"])
+
+
+def stored(protocol: str) -> str:
+    """The protocol history and metrics name: CoAP over DTLS is COAP."""
+    return "COAP" if protocol == "COAPS" else protocol
 
 
 @pytest.fixture
@@ -36,12 +42,15 @@ async def app(tmp_path: Path, store_url: str) -> AsyncIterator[Simwire]:
 async def sim(api: Api) -> dict[str, str]:
     status, body = await api.call("POST", "/v1/sims", KNOWN)
     assert status == 201, body
+    status, body = await api.call("POST", f"/v1/integrate/devices/{KNOWN['iccid']}/psk", {
+        "secretKey": KEY.decode(), "protocol": "COAP"})
+    assert status == 200, body
     return KNOWN
 
 
 @pytest.fixture
-async def link(app: Simwire, protocol: str) -> AsyncIterator[DeviceLink]:
-    dev = await open_link(app, protocol, KNOWN["ip"])
+async def link(app: Simwire, sim: dict[str, str], protocol: str) -> AsyncIterator[DeviceLink]:
+    dev = await open_link(app, protocol, KNOWN["ip"], (KNOWN["iccid"], KEY))
     yield dev
     dev.close()
 
@@ -66,7 +75,13 @@ async def logs(api: Api, message: str) -> list[dict[str, str]]:
 
 def uplinks(app: Simwire, protocol: str, outcome: str) -> float:
     value = app.metrics.registry.get_sample_value(
-        "simwire_uplinks_total", {"protocol": protocol, "outcome": outcome})
+        "simwire_uplinks_total", {"protocol": stored(protocol), "outcome": outcome})
+    return value or 0.0
+
+
+def dtls(app: Simwire, outcome: str) -> float:
+    value = app.metrics.registry.get_sample_value(
+        "simwire_dtls_total", {"protocol": "COAP", "outcome": outcome})
     return value or 0.0
 
 
@@ -82,7 +97,7 @@ async def test_known_sim_message_is_stored_before_ack(
     assert len(items) == 1
     item = items[0]
     assert item["iccid"] == item["deviceId"] == KNOWN["iccid"]
-    assert item["protocol"] == protocol
+    assert item["protocol"] == stored(protocol)
     assert base64.b64decode(item["payload"]) == b"\x01\x63\x54hello"
     assert uplinks(app, protocol, "stored") == 1
 
@@ -108,6 +123,13 @@ async def test_first_contact_registers_device_once(
 async def test_unknown_sim_is_refused_and_logged(
     app: Simwire, api: Api, sim: dict[str, str], protocol: str
 ) -> None:
+    if protocol == "COAPS":  # no SIM, no key: no session, no reply, counted, not logged
+        with pytest.raises(TimeoutError):
+            await open_link(app, protocol, OTHER_IP, (KNOWN["iccid"], KEY))
+        assert dtls(app, "unknown_peer") >= 1
+        await app.admin_logs.flush()
+        assert await logs(api, "DeviceAuthenticator[DtlsHandshakeFailed]") == []
+        return
     stranger = await open_link(app, protocol, OTHER_IP)
     try:
         sent = await stranger.uplink(b"who am i")
@@ -159,7 +181,7 @@ async def test_trailing_nul_and_garbage_bytes_are_kept_verbatim(
 async def test_malformed_frames_never_stop_the_endpoint(
     app: Simwire, api: Api, sim: dict[str, str], link: DeviceLink, protocol: str
 ) -> None:
-    port = app.ports.udp if protocol == "UDP" else app.ports.coap
+    port = {"UDP": app.ports.udp, "COAP": app.ports.coap, "COAPS": app.ports.coaps}[protocol]
     from tests.support.net import UdpClient
 
     raw = await UdpClient.open(("127.0.0.1", port), KNOWN["ip"])
@@ -169,7 +191,9 @@ async def test_malformed_frames_never_stop_the_endpoint(
         if protocol == "UDP":
             bad = [b"x" * 1501]  # UDP treats any bytes as payload; only size is bad
         for datagram in bad:
-            raw.send(datagram)
+            raw.send(datagram)  # over DTLS: garbage records, dropped by the DTLS layer
+            if isinstance(link, CoapsLink):
+                link.client.send_app(datagram)  # and malformed CoAP inside the session
         await raw.expect_silence(0.3)
     finally:
         raw.close()
@@ -192,7 +216,7 @@ async def test_template_active_translates_and_failures_keep_the_raw_message(
         {"asset": "battery", "value": {"byte": 1, "type": "uint"}},
         {"asset": "version", "value": {"byte": 3, "bytelength": 5, "type": "string"}}]}]}]}
     status, res = await api.call("POST", "/v1/optimize/templates", {
-        "name": "demo", "template": json.dumps(demo), "protocolFilter": [protocol],
+        "name": "demo", "template": json.dumps(demo), "protocolFilter": [stored(protocol)],
         "status": "ACTIVE"})
     assert status == 201, res
     sent = await link.uplink(bytes.fromhex("016354322e322e31dead"))  # trailing bytes ignored
@@ -207,3 +231,21 @@ async def test_template_active_translates_and_failures_keep_the_raw_message(
     errors = await eventually(lambda: logs(api, "Translator[UserPayloadError]"))
     assert [e["description"] for e in errors] == [
         "Asset path:version, Error: can't extract [3:8] from 2 bytes"]
+
+
+async def test_retransmissions_get_the_same_reply_and_are_stored_once(
+    app: Simwire, api: Api, sim: dict[str, str], link: DeviceLink, protocol: str
+) -> None:
+    if isinstance(link, CoapsLink):
+        first = await link.client.post(b"once", mid=4242)
+        again = await link.client.post(b"once", mid=4242)
+    elif isinstance(link, CoapLink):
+        msg = coap.Message(coap.CON, coap.POST, 4242, b"\x07", [], b"once")
+        first, again = await link.request(msg), await link.request(msg)
+    else:
+        pytest.skip("UDP has no message IDs")
+    assert first.code == again.code == coap.CHANGED and first.mid == again.mid == 4242
+    await link.uplink(b"next")
+    items = await eventually(lambda: history_len(api, 2))
+    assert sorted(base64.b64decode(i["payload"]) for i in items) == [b"next", b"once"]
+    assert uplinks(app, protocol, "duplicate") == 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from integrator import coap
 from simwire.app import Simwire
+from tests.support.dtls import Client
 from tests.support.net import UdpClient
 from tests.support.simwire import eventually
 
@@ -70,11 +71,42 @@ class CoapLink(DeviceLink):
         self.client.close()
 
 
-async def open_link(app: Simwire, protocol: str, local_ip: str = "127.0.0.1") -> DeviceLink:
+class CoapsLink(DeviceLink):
+    """CoAP over DTLS-PSK (:5684): the handshake happens when the link opens."""
+
+    protocol = "COAP"  # stored and counted as COAP
+    replies = True
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @classmethod
+    async def open(cls, app: Simwire, local_ip: str, identity: str, key: bytes) -> CoapsLink:
+        client = await Client.open(app.ports.coaps, identity, key, local=(local_ip, 0))
+        try:
+            await client.handshake()
+        except BaseException:
+            client.close()
+            raise
+        return cls(client)
+
+    async def uplink(self, payload: bytes) -> Sent:
+        return Sent(await self.client.post(payload))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+async def open_link(app: Simwire, protocol: str, local_ip: str = "127.0.0.1",
+                    psk: tuple[str, bytes] | None = None) -> DeviceLink:
+    """`COAPS` needs the device's (identity, key)."""
     if protocol == "UDP":
         return UdpLink(await UdpClient.open(("127.0.0.1", app.ports.udp), local_ip))
     if protocol == "COAP":
         return CoapLink(await UdpClient.open(("127.0.0.1", app.ports.coap), local_ip))
+    if protocol == "COAPS":
+        assert psk is not None
+        return await CoapsLink.open(app, local_ip, *psk)
     raise ValueError(protocol)
 
 

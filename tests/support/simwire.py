@@ -29,7 +29,8 @@ async def running(
     translator: Translator | None = None, **overrides: Any,
 ) -> AsyncIterator[Simwire]:
     cfg = Config(
-        host="127.0.0.1", udp_port=0, coap_port=0, http_port=0, data_dir=data_dir, store=store,
+        host="127.0.0.1", udp_port=0, coap_port=0, coaps_port=0, http_port=0, data_dir=data_dir,
+        store=store,
         sim_cache_ttl_s=0.0, **overrides,
     )
     app = Simwire(cfg, clock=clock, translator=translator)
