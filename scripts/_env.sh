@@ -24,6 +24,7 @@ ensure_debian_packages() {  # the real peers of the interop tests
   local missing=()
   command -v coap-client-openssl >/dev/null || missing+=(libcoap3-bin)
   command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+  command -v openssl >/dev/null || missing+=(openssl)
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
