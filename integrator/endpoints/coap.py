@@ -9,6 +9,12 @@ datagrams are dropped silently and counted. `GET /bootstrap` (plain port only) a
 Device Authenticator's `<iccid>,<psk>,<url>` through a hook. Behind DTLS the transport
 names each peer's PSK identity, carried with the message. Knows only the wire format, the
 pipeline and the bootstrap hook.
+
+Server-initiated requests (LwM2M, CoAP downlinks) leave from the same socket through
+`CoapServerProtocol.requests` (`integrator.coap_client.CoapRequests`, on the endpoint's
+clock, sending through its transport: encrypted behind DTLS); incoming ACK/RST/responses
+go to it first. An unexpected CON response is answered with RST, a CoAP ping (empty CON)
+with RST; other unmatched ACK/RST/NON messages are ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from integrator import coap
+from integrator.coap_client import CoapRequests
 from integrator.endpoints.datagram import DatagramServer, bind_udp
 from integrator.pipeline import Ack, Pipeline
 from simwire.clock import Clock
@@ -119,6 +126,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._dedup = DedupCache(clock, EXCHANGE_LIFETIME_S, config.dedup_max_entries)
         self._transport: asyncio.DatagramTransport | None = None
         self._mid = int.from_bytes(os.urandom(2), "big")
+        self.requests = CoapRequests(self._send, clock)
+        """Requests to devices from this socket; closed when the transport is lost."""
         self._warn = RateLimitedLogger(log)
         c = metrics.uplinks
         p = protocol.value
@@ -130,6 +139,11 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # a datagram transport
         self._identity = getattr(transport, "identity", None)  # DTLS: the peer's identity
+        if self.requests.closed:  # a protocol reused on a new transport
+            self.requests = CoapRequests(self._send, self._clock)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.requests.close()
 
     def error_received(self, exc: Exception) -> None:
         self._warn.warning("socket", "CoAP socket error: %s", exc)
@@ -143,9 +157,11 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
                                addr[0], exc)
             return
         if not msg.is_request:
+            if self.requests.handle(msg, addr):
+                return  # an ACK/RST/response to one of our requests (or a stray CON: RST)
             if msg.code == coap.EMPTY and msg.mtype == coap.CON:  # CoAP ping
                 self._send(coap.serialize(coap.Message(coap.RST, coap.EMPTY, msg.mid)), addr)
-            return  # ACK/RST/responses: nothing outstanding on this socket
+            return  # unmatched ACK/RST/NON response: nothing outstanding
         if msg.mtype not in (coap.CON, coap.NON):
             self._count_malformed()
             return
