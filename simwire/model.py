@@ -501,3 +501,77 @@ class PskJob:
     failed: int = 0
     errors: tuple[str, ...] = ()
     """The first problems met (bounded), e.g. `item 3: unknown deviceId 8988...`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lwm2mRegistration:
+    """A registered LwM2M client (endpoint name = ICCID), kept across restarts."""
+
+    id: str
+    """The registration's location (`/rd/<id>`)."""
+    iccid: str
+    org: str
+    ip: str
+    port: int
+    secure: bool
+    """Registered over DTLS."""
+    lifetime_s: int
+    version: str
+    binding: str
+    queue_mode: bool
+    links: str
+    """The object links as the client sent them (CoRE link format)."""
+    registered_ms: int
+    updated_ms: int
+
+    @property
+    def expires_ms(self) -> int:
+        return self.updated_ms + self.lifetime_s * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Lwm2mObservation:
+    """An observation the server holds on a client's resource (RFC 7641 token)."""
+
+    token: bytes
+    iccid: str
+    registration_id: str
+    path: str
+    created_ms: int
+    content_format: int | None = None
+
+
+class DownlinkStatus(enum.StrEnum):
+    SCHEDULED = "SCHEDULED"
+    IN_PROGRESS = "IN_PROGRESS"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class DownlinkMode(enum.StrEnum):
+    SEND_NOW = "SEND_NOW"
+    SEND_WHEN_ACTIVE = "SEND_WHEN_ACTIVE"
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkRequest:
+    """A Device Controller request (spec section 1.7) and its outcome."""
+
+    id: str
+    org: str
+    iccid: str
+    ip: str
+    protocol: Protocol
+    mode: DownlinkMode
+    status: DownlinkStatus
+    request_data: dict[str, Any]
+    """The request body as accepted, plus the device fields 1NCE echoes."""
+    send_attempts: int
+    attempts_left: int
+    created_ms: int
+    updated_ms: int
+    expires_ms: int
+    """A SCHEDULED request not sent by then ends FAILED (24 h)."""
+    result_data: dict[str, Any] | None = None
+    error: str | None = None

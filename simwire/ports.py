@@ -25,10 +25,14 @@ from simwire.model import (
     Device,
     DeviceIdentity,
     DeviceState,
+    DownlinkRequest,
+    DownlinkStatus,
     Event,
     HistoryItem,
     Integration,
     IntegrationState,
+    Lwm2mObservation,
+    Lwm2mRegistration,
     Payload,
     PskJob,
     RawUplink,
@@ -356,6 +360,85 @@ class PskJobRepository(Protocol):
         ...
 
 
+class Lwm2mRepository(Protocol):
+    """LwM2M registrations and observations: written by the LwM2M server, read back at
+    start so a restart does not forget registered clients."""
+
+    async def put_registration(self, reg: Lwm2mRegistration) -> None:
+        """Insert or replace by id; a client (ICCID) has at most one registration: a new
+        one replaces the previous registration of that ICCID (and its observations)."""
+        ...
+
+    async def get_registration(self, registration_id: str) -> Lwm2mRegistration | None: ...
+
+    async def registration_of(self, iccid: str) -> Lwm2mRegistration | None: ...
+
+    async def delete_registration(self, registration_id: str) -> bool:
+        """Also deletes its observations."""
+        ...
+
+    async def all_registrations(self) -> list[Lwm2mRegistration]: ...
+
+    async def put_observation(self, obs: Lwm2mObservation) -> None:
+        """Insert or replace by token."""
+        ...
+
+    async def delete_observation(self, token: bytes) -> bool: ...
+
+    async def observations_of(self, registration_id: str) -> list[Lwm2mObservation]:
+        """Oldest first."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkQuery:
+    org: str
+    iccid: str | None = None
+    status: DownlinkStatus | None = None
+    page: int = 1
+    page_size: int = 10
+
+
+class DownlinkRepository(Protocol):
+    """Device Controller requests: the actions API writes them, the controller updates
+    their status."""
+
+    async def create_downlink(self, req: DownlinkRequest, max_scheduled: int) -> bool:
+        """Insert; for a SCHEDULED request only if the device has fewer than
+        `max_scheduled` SCHEDULED ones (atomic); False when refused by that limit."""
+        ...
+
+    async def update_downlink(self, req: DownlinkRequest,
+                              expected: DownlinkStatus | None = None) -> bool:
+        """Replace the status fields (status, attempts_left, result_data, error,
+        updated_ms); with `expected`, only if the stored status is that one (a
+        compare-and-set: a cancel and a delivery cannot both win). False if not applied."""
+        ...
+
+    async def get_downlink(self, request_id: str) -> DownlinkRequest | None: ...
+
+    async def list_downlinks(self, query: DownlinkQuery) -> Page[DownlinkRequest]:
+        """Newest first."""
+        ...
+
+    async def scheduled_downlinks(self, iccid: str) -> list[DownlinkRequest]:
+        """A device's SCHEDULED requests, oldest first (fired by its next uplink)."""
+        ...
+
+    async def devices_with_scheduled(self) -> set[str]:
+        """ICCIDs that have SCHEDULED requests (the controller's hot-path filter)."""
+        ...
+
+    async def expire_downlinks(self, now_ms: int) -> int:
+        """SCHEDULED requests past `expires_ms` become FAILED ("expired"); returns how
+        many."""
+        ...
+
+    async def purge_downlinks(self, before_ms: int) -> int:
+        """Delete requests created before `before_ms` (7-day retention)."""
+        ...
+
+
 class Store(
     SimRepository,
     IngestStore,
@@ -369,6 +452,8 @@ class Store(
     SavingsRepository,
     PskRepository,
     PskJobRepository,
+    Lwm2mRepository,
+    DownlinkRepository,
     Protocol,
 ):
     """One storage backend; `simwire.storage.open_store` picks the adapter."""

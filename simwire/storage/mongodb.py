@@ -34,6 +34,15 @@ Collections (in the database named by the URL path, else the `database` argument
   write: an insert that fails on the `_id` (none expected) or a replace filtered on
   `updated_ms`.
 - `psk_jobs`: `_id` = job id, `errors` an array; indexes `(org, created_ms, _id)`, `status`.
+- `lwm2m_registrations`: `_id` = ICCID (a client has at most one registration: writing one
+  is a single-document replace), unique index `id` (the `/rd/<id>` lookups).
+- `lwm2m_observations`: `_id` = token (BSON binary), index
+  `(registration_id, created_ms, _id)`.
+- `downlinks`: `_id` = request id, `request_data`/`result_data` embedded documents; a
+  request created SCHEDULED holds `slot` (0 .. max - 1) until it leaves SCHEDULED, and the
+  unique index `(iccid, slot)`, partial on documents that have a slot, is the limit of
+  SCHEDULED requests per device (see `create_downlink`); indexes `(org, created_ms, _id)`,
+  `(iccid, status, created_ms, _id)`, `(status, expires_ms)`, `created_ms`.
 
 SIMs written before `imei_lock` existed lack the field: they read as `imei_lock = False`.
 
@@ -51,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +90,9 @@ from simwire.model import (
     ApiClient,
     Device,
     DeviceState,
+    DownlinkMode,
+    DownlinkRequest,
+    DownlinkStatus,
     Event,
     EventType,
     HistoryItem,
@@ -87,6 +100,8 @@ from simwire.model import (
     IntegrationState,
     LogCategory,
     LogType,
+    Lwm2mObservation,
+    Lwm2mRegistration,
     Protocol,
     PskFormat,
     PskJob,
@@ -102,6 +117,7 @@ from simwire.model import (
 from simwire.ports import (
     AdminLogQuery,
     DeviceQuery,
+    DownlinkQuery,
     HistoryPage,
     HistoryQuery,
     IngestRecord,
@@ -134,6 +150,11 @@ _LOGS_BY_ICCID_INDEX = "iccid"
 _CLAIMS_INDEX = "claims"
 _SAVINGS_INDEX = "org"
 _JOBS_INDEX = "org"
+_REGISTRATION_ID_INDEX = "id"
+_SLOT_INDEX = "slot"
+MAX_SLOT_ATTEMPTS = 100
+"""`create_downlink`: each failed try means another request took the slot tried (or has
+not become visible yet), so this bounds only pathological churn."""
 
 
 class _Ids:
@@ -304,6 +325,23 @@ class MongoStore:
             IndexModel([("org", ASCENDING), ("created_ms", ASCENDING), ("_id", ASCENDING)],
                        name=_JOBS_INDEX),
             IndexModel([("status", ASCENDING)], name="status"),
+        ])
+        await db.lwm2m_registrations.create_indexes([
+            IndexModel([("id", ASCENDING)], name=_REGISTRATION_ID_INDEX, unique=True),
+        ])
+        await db.lwm2m_observations.create_indexes([
+            IndexModel([("registration_id", ASCENDING), ("created_ms", ASCENDING),
+                        ("_id", ASCENDING)], name="registration"),
+        ])
+        await db.downlinks.create_indexes([
+            IndexModel([("org", ASCENDING), ("created_ms", ASCENDING), ("_id", ASCENDING)],
+                       name="org"),
+            IndexModel([("iccid", ASCENDING), ("status", ASCENDING), ("created_ms", ASCENDING),
+                        ("_id", ASCENDING)], name="iccid"),
+            IndexModel([("iccid", ASCENDING), ("slot", ASCENDING)], name=_SLOT_INDEX,
+                       unique=True, partialFilterExpression={"slot": {"$exists": True}}),
+            IndexModel([("status", ASCENDING), ("expires_ms", ASCENDING)], name="expiring"),
+            IndexModel([("created_ms", ASCENDING)], name="created"),
         ])
 
     async def close(self) -> None:
@@ -965,6 +1003,191 @@ class MongoStore:
             [("created_ms", ASCENDING), ("_id", ASCENDING)])
         return [_job(d) async for d in cursor]
 
+    # -- Lwm2mRepository -----------------------------------------------------------------
+
+    async def put_registration(self, reg: Lwm2mRegistration) -> None:
+        """One document per client: `_id` = ICCID, so writing a registration is one atomic
+        replace (upsert) of the client's document: readers see the previous registration or
+        this one, never two and never none. The replaced registration's observations are
+        deleted afterwards (a crash in between leaves them orphaned: never read again).
+
+        The replace fails with a duplicate key when it loses an insert race for the ICCID
+        (retried: it then replaces), or when the registration id is stored under another
+        ICCID (a client re-registering under another name, not expected): that document is
+        deleted (its observations are this registration's and stay), then it is retried."""
+        coll = self._coll("lwm2m_registrations")
+        doc = _registration_doc(reg)
+        for attempt in range(20):
+            try:
+                old = await coll.find_one_and_replace(
+                    {"_id": reg.iccid}, doc, upsert=True, return_document=ReturnDocument.BEFORE)
+            except DuplicateKeyError as exc:
+                pattern = (exc.details or {}).get("keyPattern") or {}
+                if "id" in pattern or (not pattern and f"index: {_REGISTRATION_ID_INDEX} "
+                                       in str(exc)):
+                    await coll.delete_one({"id": reg.id, "_id": {"$ne": reg.iccid}})
+                else:  # see get_or_create_meta: the winner may not be visible yet
+                    await asyncio.sleep(0.005 * attempt)
+                continue
+            if old is not None and old["id"] != reg.id:
+                await self._coll("lwm2m_observations").delete_many(
+                    {"registration_id": old["id"]})
+            return
+        raise RuntimeError(f"registration {reg.id} of {reg.iccid}: upsert kept failing")
+
+    async def get_registration(self, registration_id: str) -> Lwm2mRegistration | None:
+        doc = await self._coll("lwm2m_registrations").find_one({"id": registration_id})
+        return _registration(doc) if doc else None
+
+    async def registration_of(self, iccid: str) -> Lwm2mRegistration | None:
+        doc = await self._coll("lwm2m_registrations").find_one({"_id": iccid})
+        return _registration(doc) if doc else None
+
+    async def delete_registration(self, registration_id: str) -> bool:
+        result = await self._coll("lwm2m_registrations").delete_one({"id": registration_id})
+        await self._coll("lwm2m_observations").delete_many({"registration_id": registration_id})
+        return result.deleted_count > 0
+
+    async def all_registrations(self) -> builtins.list[Lwm2mRegistration]:
+        """Every organisation's, by ICCID."""
+        cursor = self._coll("lwm2m_registrations").find({}).sort("_id", ASCENDING)
+        return [_registration(d) async for d in cursor]
+
+    async def put_observation(self, obs: Lwm2mObservation) -> None:
+        """A replace upsert by token (`_id`); one that loses an insert race to another
+        writer fails with a duplicate key and is retried (then it replaces)."""
+        coll = self._coll("lwm2m_observations")
+        doc = _observation_doc(obs)
+        for attempt in range(20):
+            try:
+                await coll.replace_one({"_id": bytes(obs.token)}, doc, upsert=True)
+                return
+            except DuplicateKeyError:  # see get_or_create_meta
+                await asyncio.sleep(0.005 * attempt)
+        raise RuntimeError(f"observation {obs.token.hex()}: upsert kept failing")
+
+    async def delete_observation(self, token: bytes) -> bool:
+        result = await self._coll("lwm2m_observations").delete_one({"_id": bytes(token)})
+        return result.deleted_count > 0
+
+    async def observations_of(self, registration_id: str) -> builtins.list[Lwm2mObservation]:
+        """Oldest first; ties by token (MongoDB orders binary values by length, then
+        bytewise; `SqliteStore` sorts the same way)."""
+        cursor = self._coll("lwm2m_observations").find({"registration_id": registration_id}).sort(
+            [("created_ms", ASCENDING), ("_id", ASCENDING)])
+        return [_observation(d) async for d in cursor]
+
+    # -- DownlinkRepository --------------------------------------------------------------
+    # The limit of SCHEDULED requests per device without a multi-document transaction: a
+    # request created SCHEDULED claims a slot, `slot` = 0 .. max_scheduled - 1, in its own
+    # document, and the unique index (iccid, slot), partial on documents that have a slot,
+    # lets no two requests of a device hold the same one. The insert of the request is the
+    # claim (one atomic single-document write, checked by the server also between
+    # processes); any write that takes a request out of SCHEDULED unsets its slot in the
+    # same single-document update, and a deleted request frees it with its document. So
+    # nothing can drift (no counter to keep in step) and at most `max_scheduled` created
+    # requests of a device are SCHEDULED at once.
+
+    async def create_downlink(self, req: DownlinkRequest, max_scheduled: int) -> bool:
+        """Refused when `max_scheduled` requests of the device are SCHEDULED; else insert
+        with a free slot (picked at random among the free ones, so concurrent creates rarely
+        pick the same); a duplicate key on the slot index means another request took it
+        meanwhile: read again and retry. Duplicate request id: Conflict."""
+        coll = self._coll("downlinks")
+        doc = _downlink_doc(req)
+        if req.status is not DownlinkStatus.SCHEDULED:
+            return await self._insert_downlink(doc)
+        # slots seen taken by a duplicate key (SecantusDB may report one before the
+        # winner's document is visible to the next read)
+        lost: set[int] = set()
+        for attempt in range(MAX_SLOT_ATTEMPTS):
+            scheduled = [d.get("slot") async for d in coll.find(
+                {"iccid": req.iccid, "status": DownlinkStatus.SCHEDULED.value}, {"slot": 1})]
+            if len(scheduled) >= max_scheduled:
+                return False
+            free = [s for s in range(max_scheduled) if s not in scheduled and s not in lost]
+            if not free:  # the winners are not visible yet: read again
+                lost.clear()
+                await asyncio.sleep(0.005 * attempt)
+                continue
+            slot = random.choice(free)
+            try:
+                return await self._insert_downlink({**doc, "slot": slot})
+            except _SlotTaken:
+                lost.add(slot)
+        raise RuntimeError(f"downlink {req.id}: no free slot after {MAX_SLOT_ATTEMPTS} tries")
+
+    async def _insert_downlink(self, doc: Doc) -> bool:
+        try:
+            await self._coll("downlinks").insert_one(doc)
+        except DuplicateKeyError as exc:
+            pattern = (exc.details or {}).get("keyPattern") or {}
+            if "slot" in pattern or (not pattern and f"index: {_SLOT_INDEX} " in str(exc)):
+                raise _SlotTaken from exc
+            raise Conflict(f"downlink {doc['_id']} exists") from exc
+        return True
+
+    async def devices_with_scheduled(self) -> set[str]:
+        values = await self._coll("downlinks").distinct(
+            "iccid", {"status": DownlinkStatus.SCHEDULED.value})
+        return {str(v) for v in values}
+
+    async def update_downlink(self, req: DownlinkRequest,
+                              expected: DownlinkStatus | None = None) -> bool:
+        """Leaving SCHEDULED frees the slot in the same update. A request put back to
+        SCHEDULED (the controller does not) is counted by later creates but holds no slot.
+        With `expected`, a single-document compare-and-set on the status."""
+        update: Doc = {"$set": _downlink_status(req)}
+        if req.status is not DownlinkStatus.SCHEDULED:
+            update["$unset"] = {"slot": ""}
+        flt: Doc = {"_id": req.id}
+        if expected is not None:
+            flt["status"] = expected.value
+        res = await self._coll("downlinks").update_one(flt, update)
+        return res.matched_count > 0
+
+    async def get_downlink(self, request_id: str) -> DownlinkRequest | None:
+        doc = await self._coll("downlinks").find_one({"_id": request_id})
+        return _downlink(doc) if doc else None
+
+    async def list_downlinks(self, query: DownlinkQuery) -> Page[DownlinkRequest]:
+        """Newest first: created_ms, then id, both descending."""
+        flt: Doc = {"org": query.org}
+        if query.iccid is not None:
+            flt["iccid"] = query.iccid
+        if query.status is not None:
+            flt["status"] = query.status.value
+        coll = self._coll("downlinks")
+        total = await coll.count_documents(flt)
+        cursor = (
+            coll.find(flt).sort([("created_ms", DESCENDING), ("_id", DESCENDING)])
+            .skip(max(0, (query.page - 1) * query.page_size)).limit(query.page_size)
+        )
+        return Page([_downlink(d) async for d in cursor], query.page,
+                    page_amount(total, query.page_size))
+
+    async def scheduled_downlinks(self, iccid: str) -> builtins.list[DownlinkRequest]:
+        """Oldest first: created_ms, then id."""
+        cursor = self._coll("downlinks").find(
+            {"iccid": iccid, "status": DownlinkStatus.SCHEDULED.value}).sort(
+            [("created_ms", ASCENDING), ("_id", ASCENDING)])
+        return [_downlink(d) async for d in cursor]
+
+    async def expire_downlinks(self, now_ms: int) -> int:
+        """One `update_many`: each document changes atomically (status and slot together);
+        a concurrent `update_downlink` of the same request is applied before or after."""
+        result = await self._coll("downlinks").update_many(
+            {"status": DownlinkStatus.SCHEDULED.value, "expires_ms": {"$lte": now_ms}},
+            {"$set": {"status": DownlinkStatus.FAILED.value, "error": "expired",
+                      "updated_ms": now_ms},
+             "$unset": {"slot": ""}},
+        )
+        return result.modified_count
+
+    async def purge_downlinks(self, before_ms: int) -> int:
+        result = await self._coll("downlinks").delete_many({"created_ms": {"$lt": before_ms}})
+        return result.deleted_count
+
     # -- ClientRepository ----------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> ApiClient | None:
@@ -1073,6 +1296,67 @@ def _job(d: Mapping[str, Any]) -> PskJob:
         id=d["_id"], org=d["org"], created_ms=d["created_ms"], updated_ms=d["updated_ms"],
         status=PskJobStatus(d["status"]), amount=d["amount"], done=d["done"],
         failed=d["failed"], errors=tuple(d["errors"]),
+    )
+
+
+class _SlotTaken(Exception):
+    """`create_downlink`: another request of the device holds the slot tried."""
+
+
+def _registration_doc(r: Lwm2mRegistration) -> Doc:
+    return {
+        "_id": r.iccid, "id": r.id, "org": r.org, "ip": r.ip, "port": r.port,
+        "secure": r.secure, "lifetime_s": r.lifetime_s, "version": r.version,
+        "binding": r.binding, "queue_mode": r.queue_mode, "links": r.links,
+        "registered_ms": r.registered_ms, "updated_ms": r.updated_ms,
+    }
+
+
+def _registration(d: Mapping[str, Any]) -> Lwm2mRegistration:
+    return Lwm2mRegistration(
+        id=d["id"], iccid=d["_id"], org=d["org"], ip=d["ip"], port=d["port"],
+        secure=bool(d["secure"]), lifetime_s=d["lifetime_s"], version=d["version"],
+        binding=d["binding"], queue_mode=bool(d["queue_mode"]), links=d["links"],
+        registered_ms=d["registered_ms"], updated_ms=d["updated_ms"],
+    )
+
+
+def _observation_doc(o: Lwm2mObservation) -> Doc:
+    return {
+        "_id": bytes(o.token), "iccid": o.iccid, "registration_id": o.registration_id,
+        "path": o.path, "created_ms": o.created_ms, "content_format": o.content_format,
+    }
+
+
+def _observation(d: Mapping[str, Any]) -> Lwm2mObservation:
+    return Lwm2mObservation(
+        token=bytes(d["_id"]), iccid=d["iccid"], registration_id=d["registration_id"],
+        path=d["path"], created_ms=d["created_ms"], content_format=d.get("content_format"),
+    )
+
+
+def _downlink_status(r: DownlinkRequest) -> Doc:
+    """The fields `update_downlink` replaces."""
+    return {"status": r.status.value, "attempts_left": r.attempts_left,
+            "result_data": r.result_data, "error": r.error, "updated_ms": r.updated_ms}
+
+
+def _downlink_doc(r: DownlinkRequest) -> Doc:
+    return {
+        "_id": r.id, "org": r.org, "iccid": r.iccid, "ip": r.ip, "protocol": r.protocol.value,
+        "mode": r.mode.value, "request_data": r.request_data, "send_attempts": r.send_attempts,
+        "created_ms": r.created_ms, "expires_ms": r.expires_ms, **_downlink_status(r),
+    }
+
+
+def _downlink(d: Mapping[str, Any]) -> DownlinkRequest:
+    return DownlinkRequest(
+        id=d["_id"], org=d["org"], iccid=d["iccid"], ip=d["ip"],
+        protocol=Protocol(d["protocol"]), mode=DownlinkMode(d["mode"]),
+        status=DownlinkStatus(d["status"]), request_data=d["request_data"],
+        send_attempts=d["send_attempts"], attempts_left=d["attempts_left"],
+        created_ms=d["created_ms"], updated_ms=d["updated_ms"], expires_ms=d["expires_ms"],
+        result_data=d.get("result_data"), error=d.get("error"),
     )
 
 

@@ -30,6 +30,9 @@ from simwire.model import (
     ApiClient,
     Device,
     DeviceState,
+    DownlinkMode,
+    DownlinkRequest,
+    DownlinkStatus,
     Event,
     EventType,
     HistoryItem,
@@ -37,6 +40,8 @@ from simwire.model import (
     IntegrationState,
     LogCategory,
     LogType,
+    Lwm2mObservation,
+    Lwm2mRegistration,
     Protocol,
     PskFormat,
     PskJob,
@@ -52,6 +57,7 @@ from simwire.model import (
 from simwire.ports import (
     AdminLogQuery,
     DeviceQuery,
+    DownlinkQuery,
     HistoryPage,
     HistoryQuery,
     IngestRecord,
@@ -130,6 +136,30 @@ CREATE TABLE IF NOT EXISTS psk_jobs (
 CREATE INDEX IF NOT EXISTS psk_jobs_org ON psk_jobs (org, created_ms, id);
 CREATE INDEX IF NOT EXISTS psk_jobs_running ON psk_jobs (created_ms, id)
     WHERE status = 'IN_PROGRESS';
+CREATE TABLE IF NOT EXISTS lwm2m_registrations (
+    id TEXT PRIMARY KEY, iccid TEXT NOT NULL UNIQUE, org TEXT NOT NULL, ip TEXT NOT NULL,
+    port INTEGER NOT NULL, secure INTEGER NOT NULL, lifetime_s INTEGER NOT NULL,
+    version TEXT NOT NULL, binding TEXT NOT NULL, queue_mode INTEGER NOT NULL,
+    links TEXT NOT NULL, registered_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lwm2m_observations (
+    token BLOB PRIMARY KEY, iccid TEXT NOT NULL, registration TEXT NOT NULL,
+    path TEXT NOT NULL, created_ms INTEGER NOT NULL, content_format INTEGER) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS lwm2m_observations_registration
+    ON lwm2m_observations (registration, created_ms);
+CREATE TABLE IF NOT EXISTS downlinks (
+    id TEXT PRIMARY KEY, org TEXT NOT NULL, iccid TEXT NOT NULL, ip TEXT NOT NULL,
+    protocol TEXT NOT NULL, mode TEXT NOT NULL, status TEXT NOT NULL,
+    request_data TEXT NOT NULL, send_attempts INTEGER NOT NULL,
+    attempts_left INTEGER NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL, result_data TEXT, error TEXT) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS downlinks_org ON downlinks (org, created_ms, id);
+CREATE INDEX IF NOT EXISTS downlinks_iccid ON downlinks (iccid, created_ms, id);
+CREATE INDEX IF NOT EXISTS downlinks_scheduled ON downlinks (iccid, created_ms, id)
+    WHERE status = 'SCHEDULED';
+CREATE INDEX IF NOT EXISTS downlinks_expiring ON downlinks (expires_ms)
+    WHERE status = 'SCHEDULED';
+CREATE INDEX IF NOT EXISTS downlinks_created ON downlinks (created_ms);
 """
 
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -969,6 +999,187 @@ class SqliteStore:
 
         return await self.db.read(q)
 
+    # -- Lwm2mRepository -----------------------------------------------------------------
+    # `lwm2m_registrations.iccid` is UNIQUE: one registration per client. `put_registration`
+    # deletes the ICCID's other registration and its observations and writes the new row in
+    # one write (one transaction of the writer thread), so no reader sees two or none.
+
+    async def put_registration(self, reg: Lwm2mRegistration) -> None:
+        row = _registration_row(reg)
+
+        def w(c: sqlite3.Connection) -> None:
+            replaced = [r[0] for r in c.execute(
+                "SELECT id FROM lwm2m_registrations WHERE iccid = ? AND id != ?",
+                (reg.iccid, reg.id))]
+            for old in replaced:
+                c.execute("DELETE FROM lwm2m_observations WHERE registration = ?", (old,))
+                c.execute("DELETE FROM lwm2m_registrations WHERE id = ?", (old,))
+            c.execute(f"INSERT OR REPLACE INTO lwm2m_registrations ({_REGISTRATION_COLS}) "
+                      "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+
+        await self.db.write(w)
+
+    async def get_registration(self, registration_id: str) -> Lwm2mRegistration | None:
+        def q(c: sqlite3.Connection) -> Lwm2mRegistration | None:
+            row = c.execute(f"SELECT {_REGISTRATION_COLS} FROM lwm2m_registrations "
+                            "WHERE id = ?", (registration_id,)).fetchone()
+            return _registration(row) if row else None
+
+        return await self.db.read(q)
+
+    async def registration_of(self, iccid: str) -> Lwm2mRegistration | None:
+        def q(c: sqlite3.Connection) -> Lwm2mRegistration | None:
+            row = c.execute(f"SELECT {_REGISTRATION_COLS} FROM lwm2m_registrations "
+                            "WHERE iccid = ?", (iccid,)).fetchone()
+            return _registration(row) if row else None
+
+        return await self.db.read(q)
+
+    async def delete_registration(self, registration_id: str) -> bool:
+        def w(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM lwm2m_observations WHERE registration = ?",
+                      (registration_id,))
+            return c.execute("DELETE FROM lwm2m_registrations WHERE id = ?",
+                             (registration_id,)).rowcount > 0
+
+        return await self.db.write(w)
+
+    async def all_registrations(self) -> builtins.list[Lwm2mRegistration]:
+        """Every organisation's, by ICCID."""
+        def q(c: sqlite3.Connection) -> builtins.list[Lwm2mRegistration]:
+            rows = c.execute(f"SELECT {_REGISTRATION_COLS} FROM lwm2m_registrations "
+                             "ORDER BY iccid").fetchall()
+            return [_registration(r) for r in rows]
+
+        return await self.db.read(q)
+
+    async def put_observation(self, obs: Lwm2mObservation) -> None:
+        row = _observation_row(obs)
+
+        def w(c: sqlite3.Connection) -> None:
+            c.execute(f"INSERT OR REPLACE INTO lwm2m_observations ({_OBSERVATION_COLS}) "
+                      "VALUES (?,?,?,?,?,?)", row)
+
+        await self.db.write(w)
+
+    async def delete_observation(self, token: bytes) -> bool:
+        def w(c: sqlite3.Connection) -> bool:
+            return c.execute("DELETE FROM lwm2m_observations WHERE token = ?",
+                             (bytes(token),)).rowcount > 0
+
+        return await self.db.write(w)
+
+    async def observations_of(self, registration_id: str) -> builtins.list[Lwm2mObservation]:
+        """Oldest first; ties by token, shorter first, then bytewise (MongoDB's order of
+        binary values, so both adapters agree)."""
+        def q(c: sqlite3.Connection) -> builtins.list[Lwm2mObservation]:
+            rows = c.execute(f"SELECT {_OBSERVATION_COLS} FROM lwm2m_observations "
+                             "WHERE registration = ? ORDER BY created_ms, length(token), token",
+                             (registration_id,)).fetchall()
+            return [_observation(r) for r in rows]
+
+        return await self.db.read(q)
+
+    # -- DownlinkRepository --------------------------------------------------------------
+    # The limit of SCHEDULED requests per device is a count and an insert in one write:
+    # the writer thread runs it inside its BEGIN IMMEDIATE transaction, and SQLite lets one
+    # writer at a time hold the file, so no other thread or process inserts in between.
+
+    async def create_downlink(self, req: DownlinkRequest, max_scheduled: int) -> bool:
+        row = _downlink_row(req)
+        scheduled = req.status is DownlinkStatus.SCHEDULED
+
+        def w(c: sqlite3.Connection) -> bool:
+            # the status as a literal, so SQLite can use the partial index downlinks_scheduled
+            if scheduled and c.execute(
+                "SELECT count(*) FROM downlinks WHERE iccid = ? AND status = 'SCHEDULED'",
+                (req.iccid,),
+            ).fetchone()[0] >= max_scheduled:
+                return False
+            try:
+                c.execute(f"INSERT INTO downlinks ({_DOWNLINK_COLS}) "
+                          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"downlink {req.id} exists") from exc
+            return True
+
+        return await self.db.write(w)
+
+    async def devices_with_scheduled(self) -> set[str]:
+        def q(c: sqlite3.Connection) -> set[str]:
+            return {r[0] for r in c.execute(
+                "SELECT DISTINCT iccid FROM downlinks WHERE status = 'SCHEDULED'")}
+
+        return await self.db.read(q)
+
+    async def update_downlink(self, req: DownlinkRequest,
+                              expected: DownlinkStatus | None = None) -> bool:
+        def w(c: sqlite3.Connection) -> bool:
+            sql = ("UPDATE downlinks SET status = ?, attempts_left = ?, result_data = ?, "
+                   "error = ?, updated_ms = ? WHERE id = ?")
+            args: list[Any] = [req.status.value, req.attempts_left,
+                               _json_or_none(req.result_data), req.error, req.updated_ms,
+                               req.id]
+            if expected is not None:
+                sql += " AND status = ?"
+                args.append(expected.value)
+            return c.execute(sql, args).rowcount > 0
+
+        return await self.db.write(w)
+
+    async def get_downlink(self, request_id: str) -> DownlinkRequest | None:
+        def q(c: sqlite3.Connection) -> DownlinkRequest | None:
+            row = c.execute(f"SELECT {_DOWNLINK_COLS} FROM downlinks WHERE id = ?",
+                            (request_id,)).fetchone()
+            return _downlink(row) if row else None
+
+        return await self.db.read(q)
+
+    async def list_downlinks(self, query: DownlinkQuery) -> Page[DownlinkRequest]:
+        """Newest first: created_ms, then id, both descending."""
+        where, args = "org = ?", [query.org]
+        if query.iccid is not None:
+            where += " AND iccid = ?"
+            args.append(query.iccid)
+        if query.status is not None:
+            where += " AND status = ?"
+            args.append(query.status.value)
+
+        def q(c: sqlite3.Connection) -> Page[DownlinkRequest]:
+            total = c.execute(f"SELECT count(*) FROM downlinks WHERE {where}",
+                              args).fetchone()[0]
+            rows = c.execute(
+                f"SELECT {_DOWNLINK_COLS} FROM downlinks WHERE {where} "
+                "ORDER BY created_ms DESC, id DESC LIMIT ? OFFSET ?",
+                (*args, query.page_size, max(0, (query.page - 1) * query.page_size)),
+            ).fetchall()
+            return Page([_downlink(r) for r in rows], query.page,
+                        page_amount(total, query.page_size))
+
+        return await self.db.read(q)
+
+    async def scheduled_downlinks(self, iccid: str) -> builtins.list[DownlinkRequest]:
+        """Oldest first: created_ms, then id."""
+        def q(c: sqlite3.Connection) -> builtins.list[DownlinkRequest]:
+            rows = c.execute(f"SELECT {_DOWNLINK_COLS} FROM downlinks "
+                             "WHERE iccid = ? AND status = 'SCHEDULED' ORDER BY created_ms, id",
+                             (iccid,)).fetchall()
+            return [_downlink(r) for r in rows]
+
+        return await self.db.read(q)
+
+    async def expire_downlinks(self, now_ms: int) -> int:
+        def w(c: sqlite3.Connection) -> int:
+            return c.execute(
+                "UPDATE downlinks SET status = 'FAILED', error = 'expired', updated_ms = ? "
+                "WHERE status = 'SCHEDULED' AND expires_ms <= ?", (now_ms, now_ms)).rowcount
+
+        return await self.db.write(w)
+
+    async def purge_downlinks(self, before_ms: int) -> int:
+        return await self.db.write(lambda c: c.execute(
+            "DELETE FROM downlinks WHERE created_ms < ?", (before_ms,)).rowcount)
+
     # -- ClientRepository ----------------------------------------------------------------
 
     async def get_client(self, client_id: str) -> ApiClient | None:
@@ -1172,6 +1383,62 @@ def _job(row: Sequence[Any]) -> PskJob:
         id=row[0], org=row[1], created_ms=row[2], updated_ms=row[3],
         status=PskJobStatus(row[4]), amount=row[5], done=row[6], failed=row[7],
         errors=tuple(json.loads(row[8])),
+    )
+
+
+_REGISTRATION_COLS = ("id, iccid, org, ip, port, secure, lifetime_s, version, binding, "
+                      "queue_mode, links, registered_ms, updated_ms")
+
+
+def _registration_row(r: Lwm2mRegistration) -> tuple[Any, ...]:
+    return (r.id, r.iccid, r.org, r.ip, r.port, int(r.secure), r.lifetime_s, r.version,
+            r.binding, int(r.queue_mode), r.links, r.registered_ms, r.updated_ms)
+
+
+def _registration(row: Sequence[Any]) -> Lwm2mRegistration:
+    return Lwm2mRegistration(
+        id=row[0], iccid=row[1], org=row[2], ip=row[3], port=row[4], secure=bool(row[5]),
+        lifetime_s=row[6], version=row[7], binding=row[8], queue_mode=bool(row[9]),
+        links=row[10], registered_ms=row[11], updated_ms=row[12],
+    )
+
+
+_OBSERVATION_COLS = "token, iccid, registration, path, created_ms, content_format"
+
+
+def _observation_row(o: Lwm2mObservation) -> tuple[Any, ...]:
+    return (bytes(o.token), o.iccid, o.registration_id, o.path, o.created_ms,
+            o.content_format)
+
+
+def _observation(row: Sequence[Any]) -> Lwm2mObservation:
+    return Lwm2mObservation(
+        token=bytes(row[0]), iccid=row[1], registration_id=row[2], path=row[3],
+        created_ms=row[4], content_format=row[5],
+    )
+
+
+_DOWNLINK_COLS = ("id, org, iccid, ip, protocol, mode, status, request_data, send_attempts, "
+                  "attempts_left, created_ms, updated_ms, expires_ms, result_data, error")
+
+
+def _json_or_none(data: dict[str, Any] | None) -> str | None:
+    return None if data is None else json.dumps(data)
+
+
+def _downlink_row(d: DownlinkRequest) -> tuple[Any, ...]:
+    return (d.id, d.org, d.iccid, d.ip, d.protocol.value, d.mode.value, d.status.value,
+            json.dumps(d.request_data), d.send_attempts, d.attempts_left, d.created_ms,
+            d.updated_ms, d.expires_ms, _json_or_none(d.result_data), d.error)
+
+
+def _downlink(row: Sequence[Any]) -> DownlinkRequest:
+    return DownlinkRequest(
+        id=row[0], org=row[1], iccid=row[2], ip=row[3], protocol=Protocol(row[4]),
+        mode=DownlinkMode(row[5]), status=DownlinkStatus(row[6]),
+        request_data=json.loads(row[7]), send_attempts=row[8], attempts_left=row[9],
+        created_ms=row[10], updated_ms=row[11], expires_ms=row[12],
+        result_data=None if row[13] is None else json.loads(row[13]), error=row[14],
     )
 
 
