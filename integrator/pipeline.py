@@ -85,6 +85,7 @@ class Pipeline:
         clock: Clock,
         metrics: Metrics,
         positions: PositionSink,
+        activity: Callable[[str], None] | None = None,
     ) -> None:
         self._lookup = lookup
         self._store = store
@@ -92,6 +93,8 @@ class Pipeline:
         self._translator = translator
         self._admin_logs = admin_logs
         self._positions = positions
+        self._activity = activity
+        """Device Controller: a committed uplink fires the device's waiting downlinks."""
         self._clock = clock
         self._counters = {p: _Counters(metrics, p) for p in Protocol}
         self._registered: set[str] = set()
@@ -169,6 +172,8 @@ class Pipeline:
             position = record.events[0].payload.position if record.events[0].payload else None
             if position is not None:
                 self._positions.report_position(sim.identity, *position, raw.received_ms)
+            if self._activity is not None:
+                self._activity(iccid)
             counters.stored()
             counters.latency(max(0, self._clock.now_ms() - raw.received_ms) / 1000)
             self._finish(done, Ack.STORED)

@@ -30,6 +30,8 @@ from energy_saver.translator import CodecCache, TemplateTranslator
 from inspector import api as inspector_api
 from inspector.adminlog import AdminLogWriter
 from inspector.retention import Retention
+from integrator import controller_api
+from integrator.controller import Controller, DownlinkSockets
 from integrator.endpoints import coap as coap_endpoint
 from integrator.endpoints import dtls as dtls_endpoint
 from integrator.endpoints import udp as udp_endpoint
@@ -45,7 +47,7 @@ from simwire.clock import Clock, SystemClock
 from simwire.config import Config
 from simwire.http import build_api
 from simwire.metrics import Metrics
-from simwire.model import LogCategory, LogType
+from simwire.model import LogCategory, LogType, Protocol
 from simwire.ports import Store, Translator
 from simwire.storage import open_store
 
@@ -80,6 +82,7 @@ class Simwire:
         self.translator: TemplateTranslator
         self.psks: PskService
         self._lookup: SimLookup
+        self.controller: Controller
         self.ports: BoundPorts
         self.http_app: web.Application
         self.generated_admin: tuple[str, str] | None = None
@@ -120,10 +123,17 @@ class Simwire:
                 self.store, self.clock, self.metrics, cfg.retention_days, cfg.purge_interval_s,
                 savings=self.store, savings_days=SAVINGS_KEEP_DAYS,
             )
+            downlinks = await DownlinkSockets.open(cfg.host, self.clock)
+            stack.callback(downlinks.close)
+            self.controller = Controller(
+                self.store, self.store, self.clock,
+                {Protocol.UDP: downlinks.udp, Protocol.COAP: downlinks.coap})
+            await self.controller.housekeeping()
+            stack.push_async_callback(self.controller.stop)
             self.pipeline = Pipeline(
                 lookup, self.store, self.store, self._translator or self.translator,
                 self.admin_logs, self.clock,
-                self.metrics, NoLocator(),
+                self.metrics, NoLocator(), self.controller.on_activity,
             )
             # unwound after the endpoints close: received uplinks are committed and answered
             stack.push_async_callback(self.pipeline.drain)
@@ -149,6 +159,7 @@ class Simwire:
                                          self.clock),
                     integrations_api.routes(integrations),
                     templates_api.routes(templates),
+                    controller_api.routes(self.controller),
                 ],
                 self._health,
             )
@@ -165,6 +176,9 @@ class Simwire:
             refresh_task = asyncio.create_task(self.translator.run_forever(),
                                                name="template-refresh")
             stack.push_async_callback(_cancel, refresh_task)
+            controller_task = asyncio.create_task(self.controller.run_forever(),
+                                                  name="downlink-housekeeping")
+            stack.push_async_callback(_cancel, controller_task)
 
             udp = await udp_endpoint.serve(
                 cfg.host, cfg.udp_port, self.pipeline, self.clock, self.metrics,

@@ -58,3 +58,49 @@ class UdpClient:
 
     def close(self) -> None:
         self._transport.close()
+
+
+class _FromReceiver(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait((data, (addr[0], addr[1])))
+
+
+class UdpListener:
+    """An unconnected socket on `local_ip` (a device's downlink port): receives from
+    anyone and remembers who sent last (to answer a CoAP downlink)."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, proto: _FromReceiver) -> None:
+        self._transport = transport
+        self._proto = proto
+        self.last_sender: tuple[str, int] = ("", 0)
+
+    @classmethod
+    async def open(cls, local_ip: str = "127.0.0.1") -> UdpListener:
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.create_datagram_endpoint(
+            _FromReceiver, local_addr=(local_ip, 0))
+        return cls(transport, proto)
+
+    @property
+    def local_port(self) -> int:
+        return int(self._transport.get_extra_info("sockname")[1])
+
+    async def recv(self, timeout: float = 5.0) -> bytes:
+        data, self.last_sender = await asyncio.wait_for(self._proto.queue.get(), timeout)
+        return data
+
+    def send_to(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._transport.sendto(data, addr)
+
+    async def expect_silence(self, seconds: float = 0.3) -> None:
+        try:
+            data, _ = await asyncio.wait_for(self._proto.queue.get(), seconds)
+        except TimeoutError:
+            return
+        raise AssertionError(f"expected nothing, got {data.hex()}")
+
+    def close(self) -> None:
+        self._transport.close()
