@@ -192,7 +192,8 @@ class Pipeline:
     ) -> IngestRecord:
         ident = sim.identity
         now = raw.received_ms
-        result = self._translator.translate(sim.org, raw)
+        result = (self._translator.translate(sim.org, raw) if raw.json_value is None
+                  else Payload(raw=raw.payload, json_value=raw.json_value, translated=True))
         logs: tuple[AdminLog, ...] = ()
         if isinstance(result, TranslationError):
             payload = Payload(raw=raw.payload)
@@ -213,7 +214,7 @@ class Pipeline:
         else:
             payload, error = result, None
         saving = None
-        if payload.translated:
+        if payload.translated and raw.json_value is None:
             text = payload.text
             saving = Saving(sim.org, sim.iccid, raw.protocol, now // DAY_MS,
                             len(text) if text.isascii() else len(text.encode()),
@@ -223,7 +224,9 @@ class Pipeline:
             device=ident, source=raw.protocol, topic=raw.topic, payload=payload,
         )
         events = (telemetry,) if error is None else (telemetry, error)
-        state = DeviceState(sim.iccid, raw.protocol, payload.text, raw.topic, now)
+        state = DeviceState(sim.iccid, raw.protocol,
+                            payload.text if raw.state_text is None else raw.state_text,
+                            raw.topic, now)
         return IngestRecord(events, state, logs, registration, saving)
 
     def _refuse(self, raw: RawUplink, sim: Sim | None) -> None:

@@ -132,6 +132,12 @@ class RawUplink:
     dtls_identity: str | None = None
     imei: str | None = None
     """The device's IMEI when the network tells it (checked against a SIM's IMEI lock)."""
+    json_value: Any = None
+    """Already-decoded telemetry (LwM2M: `{"/3/0/9": 77}`): stored as JSON, never
+    translated."""
+    state_text: str | None = None
+    """The device state to keep instead of this message's payload (LwM2M: the merged
+    object tree)."""
 
 
 @dataclass(slots=True)  # hot path: immutable by convention (ADR 0004)

@@ -44,6 +44,23 @@ INGEST_PATHS = ((), ("",), ("data",))
 BOOTSTRAP_PATH = ("bootstrap",)
 BootstrapHook = Callable[[str], Awaitable[bytes | None]]
 """Source IP -> the /bootstrap payload, or None: unauthorized (authenticator.psk)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteReply:
+    """A routed handler's answer. `after` runs once the reply is sent (e.g. the LwM2M
+    bootstrap server starts writing only after its 2.04)."""
+
+    code: int
+    payload: bytes = b""
+    options: tuple[tuple[int, bytes], ...] = ()
+    after: Callable[[], None] | None = None
+
+
+RouteHandler = Callable[[coap.Message, tuple[str, int], str | None], Awaitable[RouteReply]]
+"""(request, peer address, DTLS identity or None) -> the reply. Routes are chosen by the
+first Uri-Path segment (LwM2M: `rd`, `dp`, `bs`); the endpoint handles dedup, the message
+type of the reply (ACK/NON) and errors (5.00)."""
 # Options this endpoint understands; any other critical (odd) option -> 4.02.
 KNOWN_OPTIONS = frozenset({
     coap.OPT_URI_HOST, coap.OPT_URI_PORT, coap.OPT_URI_PATH, coap.OPT_CONTENT_FORMAT,
@@ -114,9 +131,12 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
     def __init__(
         self, pipeline: Pipeline, clock: Clock, metrics: Metrics, config: CoapConfig,
         protocol: Protocol = Protocol.COAP, bootstrap: BootstrapHook | None = None,
+        routes: dict[str, RouteHandler] | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._bootstrap = bootstrap
+        self.routes: dict[str, RouteHandler] = dict(routes or {})
+        """First Uri-Path segment -> handler (the app adds LwM2M's after construction)."""
         self._identity: Callable[[tuple[str, int]], str | None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock = clock
@@ -187,6 +207,10 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
                 self._finish(msg, addr, key, coap.BAD_OPTION, f"unsupported option {number}")
                 return
         route = tuple(path)
+        handler = self.routes.get(route[0]) if route else None
+        if handler is not None:
+            self._answer_route(msg, addr, key, handler)
+            return
         if route == BOOTSTRAP_PATH and self._bootstrap is not None:
             if msg.code != coap.GET:
                 self._finish(msg, addr, key, coap.METHOD_NOT_ALLOWED, "")
@@ -230,6 +254,29 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
                       identity),
             answer,
         )
+
+    def _answer_route(self, msg: coap.Message, addr: tuple[str, int],
+                      key: tuple[str, int, int], handler: RouteHandler) -> None:
+        pending = self._dedup.put(key)
+        identity = self._identity(addr) if self._identity is not None else None
+
+        async def run() -> None:
+            reply: RouteReply | None = None
+            try:
+                reply = await handler(msg, addr, identity)
+                data = self._response(msg, reply.code, reply.payload, list(reply.options))
+            except Exception:
+                log.exception("CoAP route %s failed for %s", msg.options, addr[0])
+                data = self._response(msg, coap.INTERNAL_SERVER_ERROR, b"")
+                reply = None
+            pending.data = data
+            self._send(data, addr)
+            if reply is not None and reply.after is not None:
+                reply.after()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _answer_bootstrap(self, msg: coap.Message, addr: tuple[str, int],
                           key: tuple[str, int, int], hook: BootstrapHook) -> None:
