@@ -554,15 +554,17 @@ class Codec:
         return plan(payload)
 
     def encode(self, values: MappingABC[str, Any],
-               switch: Sequence[Constant | None] | None = None) -> bytes:
+               switch: Sequence[Constant | None] | None = None, exact: bool = False) -> bytes:
         """Values (shaped like `decode`'s output) -> payload bytes.
 
         Each switch takes the first case whose branch the values fit (constants equal when
         given, every payload field present), the default last; `switch` forces the case
         constants, in the order the switches are met (None: the default). Unused values,
         missing values, values out of range and fields overlapping with different bytes
-        raise EncodeError."""
-        return _Encoder(self.ast, values, list(switch) if switch is not None else None).run()
+        raise EncodeError. Constants may be left out of `values` (the branch is found
+        without them) unless `exact`: then `values` must be the whole decoded output."""
+        return _Encoder(self.ast, values, list(switch) if switch is not None else None,
+                        exact).run()
 
 
 def _path_mappings(block: Sequence[Mapping | Switch], key: Iterator[int]
@@ -613,7 +615,8 @@ class _Encoder:
     over. Fields overwritten on the path are left zero."""
 
     def __init__(self, ast: Ast, values: MappingABC[str, Any],
-                 forced: list[Constant | None] | None) -> None:
+                 forced: list[Constant | None] | None, exact: bool = False) -> None:
+        self.exact = exact
         self.ast = ast
         self.values = values
         self.forced = forced
@@ -635,7 +638,8 @@ class _Encoder:
                     continue
                 writes, strict = fit
                 if not strict:  # constants left out of the values: only if nothing else fits
-                    loose.append((writes, maps))
+                    if not self.exact:
+                        loose.append((writes, maps))
                     continue
                 try:
                     return _layout(writes, maps)

@@ -249,6 +249,10 @@ def test_encoder_errors() -> None:
     with pytest.raises(EncodeError, match="battery_level: 'x' is not an integer"):
         c.encode({**ok, "battery_level": "x"})
     assert c.encode({}) == b"\x00"  # no case taken
+    with pytest.raises(EncodeError, match="fit no branch"):
+        c.encode(ok, exact=True)  # exact: the constant data_type must be given too
+    assert c.encode({**ok, "data_type": "Energy_Saver"}, exact=True) == bytes.fromhex(
+        "016354322e322e31")
     assert c.encode(ok, switch=[1]) == bytes.fromhex("016354322e322e31")
     assert c.encode({}, switch=[7]) == b"\x07"
     overlap = codec({"sense": [{"asset": "a", "value": {"byte": 0, "type": "uint"}},
