@@ -221,6 +221,30 @@ class PskService:
                 return fresh
         raise RuntimeError(f"PSK of {sim.iccid} kept changing during /bootstrap")
 
+    async def issue_lwm2m_server_key(self, sim: Sim) -> DevicePsk:
+        """The key a LwM2M bootstrap writes to Security /0/0/5 (the LwM2M-server account),
+        kept as the device's LWM2M key (`GET .../psk/LWM2M`): a fresh generated one on
+        every call (1NCE: "the LwM2M-server PSK is regenerated on every bootstrap"), origin
+        BOOTSTRAP. A key a user set for LWM2M (origin API) is never replaced: it is
+        returned (and marked bootstrapped) instead. Racing bootstraps: compare-and-set."""
+        protocol = DeviceProtocol.LWM2M
+        for _ in range(5):
+            now = self._clock.now_ms()
+            stored = await self._repo.get_psk(sim.iccid, protocol)
+            if stored is not None and stored.origin is PskOrigin.API:
+                await self._repo.mark_bootstrapped(sim.iccid, protocol, now, stored.updated_ms)
+                return replace(self._open(stored), bootstrapped_ms=now)
+            if stored is not None:
+                now = max(now, stored.updated_ms + 1)  # the compare-and-set sees a change
+            fresh = DevicePsk(sim.iccid, protocol, generate_psk(), PskFormat.STRING,
+                              PskOrigin.BOOTSTRAP, stored.created_ms if stored else now,
+                              now, now)
+            if await self._repo.swap_psk(self._seal(fresh),
+                                         stored.updated_ms if stored else None):
+                self._changed(sim, protocol)
+                return fresh
+        raise RuntimeError(f"LWM2M key of {sim.iccid} kept changing during a bootstrap")
+
     async def psk_for(self, ip: str) -> tuple[str, bytes] | None:
         """DTLS key lookup (`integrator.endpoints.dtls.PskLookup`): the identity and key a
         peer at `ip` must use: its enabled SIM's ICCID and COAP key, else None."""

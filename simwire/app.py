@@ -39,6 +39,9 @@ from integrator.forwarders import api as integrations_api
 from integrator.forwarders.dispatcher import Dispatcher, ForwarderConfig
 from integrator.forwarders.service import Integrations, Limits
 from integrator.forwarders.sinks import SinkFactory, SinkSettings
+from integrator.lwm2m.bootstrap import ROUTE as BS_ROUTE
+from integrator.lwm2m.bootstrap import BootstrapServer, Uris
+from integrator.lwm2m.server import Lwm2mSender, Lwm2mServer
 from integrator.pipeline import Pipeline
 from locator import NoLocator
 from simwire import clients as clients_api
@@ -83,6 +86,8 @@ class Simwire:
         self.psks: PskService
         self._lookup: SimLookup
         self.controller: Controller
+        self.lwm2m: Lwm2mServer
+        self.lwm2m_bootstrap: BootstrapServer
         self.ports: BoundPorts
         self.http_app: web.Application
         self.generated_admin: tuple[str, str] | None = None
@@ -123,11 +128,24 @@ class Simwire:
                 self.store, self.clock, self.metrics, cfg.retention_days, cfg.purge_interval_s,
                 savings=self.store, savings_days=SAVINGS_KEEP_DAYS,
             )
+            # LwM2M server (/rd, /dp on the CoAP ports; routes attached once they are bound):
+            # registrations restored here; it reaches the pipeline and the controller built
+            # below through late-bound callables
+            self.lwm2m = Lwm2mServer(
+                self.store, self.store, lookup,
+                lambda raw, done: self.pipeline.submit(raw, done), self.clock,
+                # LWM2M_PASSIVE_REPORTING: a `Config.lwm2m_passive_reporting` flag once added
+                passive_reporting=cfg.lwm2m_passive_reporting,
+                on_activity=lambda iccid: self.controller.on_activity(iccid),
+                positions=NoLocator(), admin_logs=self.admin_logs)
+            await self.lwm2m.start()
+            stack.push_async_callback(self.lwm2m.stop)
             downlinks = await DownlinkSockets.open(cfg.host, self.clock)
             stack.callback(downlinks.close)
             self.controller = Controller(
                 self.store, self.store, self.clock,
-                {Protocol.UDP: downlinks.udp, Protocol.COAP: downlinks.coap})
+                {Protocol.UDP: downlinks.udp, Protocol.COAP: downlinks.coap,
+                 Protocol.LWM2M: Lwm2mSender(self.lwm2m)})
             await self.controller.housekeeping()
             stack.push_async_callback(self.controller.stop)
             self.pipeline = Pipeline(
@@ -190,15 +208,28 @@ class Simwire:
                 coap_endpoint.CoapConfig(max_payload=cfg.max_payload), bootstrap.answer,
             )
             stack.callback(coap.close)
+            secure_coap = coap_endpoint.CoapServerProtocol(
+                self.pipeline, self.clock, self.metrics,
+                coap_endpoint.CoapConfig(max_payload=cfg.max_payload))
             coaps = await dtls_endpoint.serve(
-                cfg.host, cfg.coaps_port,
-                coap_endpoint.CoapServerProtocol(
-                    self.pipeline, self.clock, self.metrics,
-                    coap_endpoint.CoapConfig(max_payload=cfg.max_payload)),
+                cfg.host, cfg.coaps_port, secure_coap,
                 self.psks, self.clock, self.metrics, on_refused=self._dtls_refused,
             )
             stack.callback(coaps.close)
             self.psks.on_change.append(coaps.endpoint.forget)
+            # LwM2M bootstrap server: `POST /bs` on the CoAP and CoAPs ports (spec 1.6)
+            self.lwm2m_bootstrap = BootstrapServer(
+                lookup, self.psks, self.admin_logs, self.metrics, self.clock, Uris.build(
+                    coap.port, coaps.port, cfg.lwm2m_server_url, cfg.lwm2m_server_coaps_url,
+                    cfg.lwm2m_bootstrap_url, cfg.lwm2m_bootstrap_coaps_url), cfg.host)
+            stack.push_async_callback(self.lwm2m_bootstrap.stop)
+            plain_coap = coap.transport.get_protocol()
+            assert isinstance(plain_coap, coap_endpoint.CoapServerProtocol)
+            plain_coap.routes[BS_ROUTE] = self.lwm2m_bootstrap.handler(plain_coap, secure=False)
+            secure_coap.routes[BS_ROUTE] = self.lwm2m_bootstrap.handler(secure_coap, secure=True)
+            # LwM2M server: /rd and /dp on both CoAP endpoints (plain and DTLS)
+            self.lwm2m.attach(plain_coap, secure=False)
+            self.lwm2m.attach(secure_coap, secure=True)
             self.ports = BoundPorts(udp.port, coap.port, http_port, coaps.port)
         except BaseException:
             await stack.aclose()

@@ -29,6 +29,21 @@ class Config:
     coaps_url: str = "coaps://coap.os.1nce.com:5684"
     """Third field of the `/bootstrap` answer: where devices reach CoAP over DTLS (the 1NCE
     SDK ignores it and uses its compiled endpoint; other clients may use it)."""
+    lwm2m_passive_reporting: bool = False
+    """1NCE's LWM2M_PASSIVE_REPORTING: read every object instance except 1, 2, 3 on each
+    registration and update (the results become telemetry)."""
+    lwm2m_server_url: str = ""
+    """LwM2M server URI the bootstrap server writes to Security /0/0/0 after a NoSec
+    bootstrap: `coap://<IP literal>:<port>`; `{address}` stands for this host's address as
+    seen from the device. Empty: `coap://{address}:<CoAP port>`."""
+    lwm2m_server_coaps_url: str = ""
+    """The same after a bootstrap over DTLS (Security Mode PSK); empty:
+    `coaps://{address}:<CoAPs port>`."""
+    lwm2m_bootstrap_url: str = ""
+    """Bootstrap-server URI written to Security /0/1/0 after a NoSec bootstrap (a host name
+    is allowed); empty: `coap://{address}:<CoAP port>`."""
+    lwm2m_bootstrap_coaps_url: str = ""
+    """The same after a bootstrap over DTLS; empty: `coaps://{address}:<CoAPs port>`."""
     psk_key_file: Path | None = None
     """The 32-byte key sealing device PSKs at rest; default `<data_dir>/psk-seal.key`,
     created on first start. Every process sharing a store needs the same file; keep it
