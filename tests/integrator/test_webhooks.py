@@ -241,8 +241,12 @@ async def test_failed_after_five_attempts_then_restart_replays(
     await fail_five_times(clock, hook)
     failed = await eventually(lambda: _state(api, iid, "INTEGRATION_FAILED"))
     assert failed["error"] == "HTTP 500 Internal Server Error: nope"
-    status, logs = await api.call("GET", "/v1/administrationLogs")
-    disabled = [e for e in logs["items"] if e["message"] == "CloudIntegrator[IntegrationDisabled]"]
+    async def disabled_logs() -> list[dict[str, Any]]:  # admin logs are written in batches
+        status, logs = await api.call("GET", "/v1/administrationLogs")
+        return [e for e in logs["items"]
+                if e["message"] == "CloudIntegrator[IntegrationDisabled]"]
+
+    disabled = await eventually(disabled_logs)
     assert len(disabled) == 1
     assert iid in disabled[0]["description"] and "hook" in disabled[0]["description"]
     assert disabled[0]["type"] == "INTEGRATION" and disabled[0]["category"] == "error"
