@@ -8,7 +8,16 @@ from aiohttp import web
 from authenticator.management import SimManagement
 from authenticator.psk import PskService, job_to_api
 from authenticator.psk import to_api as psk_to_api
-from simwire.http import MAX_BULK_BODY, json_response, principal, query_int, read_json, requires
+from simwire.http import (
+    MAX_BULK_BODY,
+    json_response,
+    page_response,
+    principal,
+    query_int,
+    read_json,
+    requires,
+)
+from simwire.model import Sim
 
 
 def routes(sims: SimManagement) -> web.RouteTableDef:
@@ -28,10 +37,7 @@ def routes(sims: SimManagement) -> web.RouteTableDef:
             query_int(request, "page", 1, 1, 1_000_000),
             query_int(request, "pageSize", 10, 1, 100),
         )
-        return json_response({
-            "items": [s.to_api() for s in page.items], "page": page.page,
-            "pageAmount": page.page_amount,
-        })
+        return page_response(page, Sim.to_api)
 
     @table.get("/v1/sims/{iccid}")
     @requires("viewer")
@@ -88,8 +94,7 @@ def psk_routes(psks: PskService) -> web.RouteTableDef:
         page = await psks.list_jobs(principal(request).org,
                                     query_int(request, "page", 1, 1, 1_000_000),
                                     query_int(request, "pageSize", 10, 1, 100))
-        return json_response({"items": [job_to_api(j) for j in page.items],
-                              "page": page.page, "pageAmount": page.page_amount})
+        return page_response(page, job_to_api)
 
     @table.get("/v1/integrate/devices/psk/jobs/{id}")
     @requires("operator")

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from simwire.clock import Clock
 from simwire.errors import BadRequest, NotFound
-from simwire.http import json_response, parse_time, principal, query_int, requires
-from simwire.model import ICCID_RE, Device, Protocol, Sim, iso_ms
+from simwire.http import json_response, page_response, parse_time, principal, query_int, requires
+from simwire.model import ICCID_RE, AdminLog, Device, Protocol, Sim, iso_ms
 from simwire.ports import (
     AdminLogQuery,
     AdminLogRepository,
@@ -102,8 +102,7 @@ def routes(
             iccid=q.get("iccid"),
             sort=tuple(sort),
         ))
-        return json_response({"items": [d.to_api() for d in page.items], "page": page.page,
-                              "pageAmount": page.page_amount})
+        return page_response(page, Device.to_api)
 
     @table.get("/v1/inspect/devices/history")
     @requires("viewer")
@@ -198,7 +197,6 @@ def routes(
             page=query_int(request, "page", 1, 1, 1_000_000),
             page_size=query_int(request, "pageSize", 10, 1, 100),
         ))
-        return json_response({"items": [e.to_api() for e in page.items], "page": page.page,
-                              "pageAmount": page.page_amount})
+        return page_response(page, AdminLog.to_api)
 
     return table

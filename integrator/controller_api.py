@@ -10,7 +10,7 @@ from aiohttp import web
 
 from integrator.controller import Controller, to_api
 from simwire.errors import BadRequest
-from simwire.http import json_response, principal, query_int, read_json, requires
+from simwire.http import json_response, page_response, principal, query_int, read_json, requires
 from simwire.model import ICCID_RE, DownlinkStatus
 from simwire.ports import DownlinkQuery
 
@@ -52,8 +52,7 @@ def routes(controller: Controller) -> web.RouteTableDef:
             DownlinkStatus(status_raw) if status_raw else None,
             query_int(request, "page", 1, 1, 1_000_000),
             query_int(request, "pageSize", 10, 1, 100)))
-        return json_response({"items": [to_api(r) for r in page.items], "page": page.page,
-                              "pageAmount": page.page_amount})
+        return page_response(page, to_api)
 
     @table.get("/v1/integrate/devices/actions/requests/{id}")
     @requires("viewer")

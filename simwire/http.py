@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -28,6 +28,9 @@ from simwire.errors import (
     error_body,
 )
 from simwire.metrics import Metrics
+from simwire.ports import Page
+
+T = TypeVar("T")
 
 log = logging.getLogger("simwire.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -58,6 +61,12 @@ def json_response(data: Any, status: int = 200) -> web.Response:
         text=json.dumps(data, separators=(",", ":"), ensure_ascii=False), status=status,
         content_type="application/json",
     )
+
+
+def page_response(page: Page[T], render: Callable[[T], Any]) -> web.Response:
+    """A page-number page as 1NCE lists answer it: `{items, page, pageAmount}`."""
+    return json_response({"items": [render(i) for i in page.items], "page": page.page,
+                          "pageAmount": page.page_amount})
 
 
 def error_response(kind: ErrorKind, errors: list[dict[str, Any]]) -> web.Response:

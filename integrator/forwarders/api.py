@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from integrator.forwarders.service import Integrations, event_types, to_api
-from simwire.http import json_response, principal, query_int, read_json, requires
+from simwire.http import json_response, page_response, principal, query_int, read_json, requires
 from simwire.model import IntegrationType
 
 
@@ -24,8 +24,7 @@ def routes(integrations: Integrations) -> web.RouteTableDef:
             query_int(request, "page", 1, 1, 1_000_000),
             query_int(request, "pageSize", 10, 1, 100),
         )
-        return json_response({"items": [to_api(i) for i in page.items], "page": page.page,
-                              "pageAmount": page.page_amount})
+        return page_response(page, to_api)
 
     @table.get("/v1/integrate/clouds/eventTypes")
     @requires("viewer")
