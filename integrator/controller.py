@@ -431,16 +431,27 @@ class CoapSender:
             res = await self._requests.request((req.ip, int(data["port"])),
                                                _METHOD_CODES[data["requestType"]],
                                                sorted(options, key=lambda o: o[0]), payload)
-        except CoapTimeout:
-            return Outcome(False, error="no answer from the device", retry=True)
-        except CoapReset:
-            return Outcome(False, error="the device reset the request (RST)")
         except CoapError as exc:
-            return Outcome(False, error=f"not sent: {exc}", retry=True)
-        result = {"code": f"{res.code >> 5}{res.code & 31:02d}", **_result_payload(res)}
+            return coap_failure(exc)
+        result = {"code": result_code(res.code), **_result_payload(res)}
         if res.code >> 5 == 2:
             return Outcome(True, result)
         return Outcome(False, result, f"the device answered {coap.code_str(res.code)}")
+
+
+def coap_failure(exc: CoapError) -> Outcome:
+    """A CoAP downlink without an answer (CoAP and LwM2M senders): no answer or not sent is
+    a failed attempt `sendAttempts` may repeat; an RST is final."""
+    if isinstance(exc, CoapTimeout):
+        return Outcome(False, error="no answer from the device", retry=True)
+    if isinstance(exc, CoapReset):
+        return Outcome(False, error="the device reset the request (RST)")
+    return Outcome(False, error=f"not sent: {exc}", retry=True)
+
+
+def result_code(code: int) -> str:
+    """A CoAP response code as 1NCE's `resultData.code` writes it: 2.05 -> "205"."""
+    return f"{code >> 5}{code & 31:02d}"
 
 
 def _result_payload(res: coap.Message) -> dict[str, str]:

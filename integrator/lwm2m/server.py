@@ -88,8 +88,8 @@ from typing import Any, Protocol
 
 from inspector.adminlog import AdminLogWriter
 from integrator import coap
-from integrator.coap_client import CoapError, CoapRequests, CoapReset, CoapTimeout
-from integrator.controller import Outcome
+from integrator.coap_client import CoapError, CoapRequests, CoapTimeout
+from integrator.controller import Outcome, coap_failure, result_code
 from integrator.endpoints.coap import CoapServerProtocol, RouteReply
 from integrator.lwm2m.formats import (
     ContentFormat,
@@ -900,13 +900,9 @@ class Lwm2mSender:
             return Outcome(False, error="not registered")
         except FormatError as exc:
             return Outcome(False, error=f"the device's answer does not decode: {exc}")
-        except CoapTimeout:
-            return Outcome(False, error="no answer from the device", retry=True)
-        except CoapReset:
-            return Outcome(False, error="the device reset the request (RST)")
         except CoapError as exc:
-            return Outcome(False, error=f"not sent: {exc}", retry=True)
-        result = {"code": f"{res.code >> 5}{res.code & 31:02d}", "payload": _result(res)}
+            return coap_failure(exc)
+        result = {"code": result_code(res.code), "payload": _result(res)}
         if res.ok:
             return Outcome(True, result)
         return Outcome(False, result, f"the device answered {coap.code_str(res.code)}")
