@@ -55,6 +55,8 @@ class RouteReply:
     payload: bytes = b""
     options: tuple[tuple[int, bytes], ...] = ()
     after: Callable[[], None] | None = None
+    sdk_safe: bool = False
+    """A NON reply's MID avoids bytes the 1NCE SDK's parser trips on (`/bootstrap`)."""
 
 
 RouteHandler = Callable[[coap.Message, tuple[str, int], str | None], Awaitable[RouteReply]]
@@ -134,9 +136,10 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         routes: dict[str, RouteHandler] | None = None,
     ) -> None:
         self._pipeline = pipeline
-        self._bootstrap = bootstrap
         self.routes: dict[str, RouteHandler] = dict(routes or {})
         """First Uri-Path segment -> handler (the app adds LwM2M's after construction)."""
+        if bootstrap is not None:
+            self.routes[BOOTSTRAP_PATH[0]] = bootstrap_route(bootstrap)
         self._identity: Callable[[tuple[str, int]], str | None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock = clock
@@ -211,12 +214,6 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         if handler is not None:
             self._answer_route(msg, addr, key, handler)
             return
-        if route == BOOTSTRAP_PATH and self._bootstrap is not None:
-            if msg.code != coap.GET:
-                self._finish(msg, addr, key, coap.METHOD_NOT_ALLOWED, "")
-                return
-            self._answer_bootstrap(msg, addr, key, self._bootstrap)
-            return
         if route not in INGEST_PATHS:
             self._finish(msg, addr, key, coap.NOT_FOUND, "Not Found")
             return
@@ -264,7 +261,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             reply: RouteReply | None = None
             try:
                 reply = await handler(msg, addr, identity)
-                data = self._response(msg, reply.code, reply.payload, list(reply.options))
+                data = self._response(msg, reply.code, reply.payload, list(reply.options),
+                                      sdk_safe=reply.sdk_safe)
             except Exception:
                 log.exception("CoAP route %s failed for %s", msg.options, addr[0])
                 data = self._response(msg, coap.INTERNAL_SERVER_ERROR, b"")
@@ -278,26 +276,6 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _answer_bootstrap(self, msg: coap.Message, addr: tuple[str, int],
-                          key: tuple[str, int, int], hook: BootstrapHook) -> None:
-        pending = self._dedup.put(key)
-
-        async def run() -> None:
-            try:
-                payload = await hook(addr[0])
-            except Exception:
-                log.exception("/bootstrap failed for %s", addr[0])
-                data = self._response(msg, coap.INTERNAL_SERVER_ERROR, b"")
-            else:
-                data = (self._response(msg, coap.UNAUTHORIZED, b"") if payload is None else
-                        self._response(msg, coap.CONTENT, payload,
-                                       [(coap.OPT_CONTENT_FORMAT, b"")], sdk_safe=True))
-            pending.data = data
-            self._send(data, addr)
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _finish(
         self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int], code: int,
@@ -328,6 +306,25 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._transport is not None:
             self._transport.sendto(data, addr)
+
+
+def bootstrap_route(hook: BootstrapHook) -> RouteHandler:
+    """`GET /bootstrap` as a route: 2.05 text/plain (zero-length Content-Format, SDK-safe
+    MID) with the hook's payload, 4.01 when it refuses, 4.05 for other methods."""
+
+    async def handle(msg: coap.Message, addr: tuple[str, int], identity: str | None
+                     ) -> RouteReply:
+        if [v for n, v in msg.options if n == coap.OPT_URI_PATH] != [b"bootstrap"]:
+            return RouteReply(coap.NOT_FOUND, b"Not Found")
+        if msg.code != coap.GET:
+            return RouteReply(coap.METHOD_NOT_ALLOWED)
+        payload = await hook(addr[0])
+        if payload is None:
+            return RouteReply(coap.UNAUTHORIZED)
+        return RouteReply(coap.CONTENT, payload, ((coap.OPT_CONTENT_FORMAT, b""),),
+                          sdk_safe=True)
+
+    return handle
 
 
 def _sdk_safe_mid(mid: int) -> bool:
