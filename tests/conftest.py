@@ -9,8 +9,9 @@ import aiohttp
 import pytest
 
 from simwire.app import Simwire
+from simwire.clock import ManualClock
 from tests.support.mongo import drop_database, fresh_database_name, mongo_server, with_database
-from tests.support.simwire import ADMIN_ID, ADMIN_SECRET, Api, running
+from tests.support.simwire import ADMIN_ID, ADMIN_SECRET, T0, Api, running
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +55,16 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def api(app: Simwire, http: aiohttp.ClientSession) -> Api:
     return await Api.login(app, http)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A clock tests move by hand, starting at T0."""
+    return ManualClock(T0)
+
+
+@pytest.fixture
+async def node(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Simwire]:
+    """An in-process Simwire on SQLite driven by `clock`."""
+    async with running(tmp_path / "d", clock=clock) as instance:
+        yield instance

@@ -30,12 +30,6 @@ VECTORS = {d["name"]: d for d in json.loads(
 SDK_REQUEST = bytes.fromhex(VECTORS["sdk_bootstrap_request"]["hex"])
 ICCID = "8988280666000000101"
 IP = "127.0.0.31"
-T0 = 1_767_225_600_000
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
 
 
 @pytest.fixture

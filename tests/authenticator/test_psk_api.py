@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +11,10 @@ import pytest
 from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.model import DEFAULT_ORG, Protocol
-from tests.support.simwire import Api, eventually, running
+from tests.support.simwire import T0, Api, eventually, running
 
 ICCIDS = [f"89882806660000002{i:02d}" for i in range(3)]
-T0 = 1_767_225_600_000
 ISO0 = "2026-01-01T00:00:00.000Z"
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-async def node(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Simwire]:
-    async with running(tmp_path / "d", clock=clock) as app:
-        yield app
 
 
 @pytest.fixture

@@ -24,11 +24,10 @@ from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.model import DAY_MS, DEFAULT_ORG, Protocol, RawUplink
 from tests.support.devices import Device
-from tests.support.simwire import Api, envelopes, running
+from tests.support.simwire import T0, Api, envelopes, running
 from tests.support.tools import require_binary
 
 ICCID = "8988280666000000071"
-T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 VECTORS = {v["name"]: v for v in json.loads(
     (Path(__file__).parents[2].parent / "shared/spec/vectors/bcl.json").read_text())["vectors"]}
 DEMO = json.dumps(VECTORS["sdk_demo"]["template"])
@@ -36,17 +35,6 @@ FEATURES = json.dumps(VECTORS["features"]["template"])
 DEMO_PAYLOAD = bytes.fromhex("016354322e322e31")
 DEMO_JSON = ('{"data_type":"Energy_Saver","battery_level":99,"signal_strength":84,'
              '"software_version":"2.2.1"}')
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-async def node(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Simwire]:
-    async with running(tmp_path / "d", clock=clock) as app:
-        yield app
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,21 +14,9 @@ from simwire.app import Simwire
 from simwire.clock import ManualClock
 from tests.support.devices import Device
 from tests.support.net import UdpClient
-from tests.support.simwire import Api, running
+from tests.support.simwire import T0, Api
 
 ICCID = "8988280666000000061"
-T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-async def node(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Simwire]:
-    async with running(tmp_path / "d", clock=clock) as app:
-        yield app
 
 
 @pytest.fixture

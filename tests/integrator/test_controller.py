@@ -8,7 +8,6 @@ request records follow 1NCE's lifecycle.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,24 +19,12 @@ from simwire.clock import ManualClock
 from simwire.model import DEFAULT_ORG
 from tests.support.devices import Device
 from tests.support.net import UdpListener
-from tests.support.simwire import Api, eventually, running
+from tests.support.simwire import Api, eventually
 
 ICCID = "8988280666000000301"
 ICCID2 = "8988280666000000302"
 IP = "127.0.0.1"  # the Device sender sends from 127.0.0.1
 IP2 = "127.0.0.52"
-T0 = 1_767_225_600_000
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-async def node(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Simwire]:
-    async with running(tmp_path / "d", clock=clock) as app:
-        yield app
 
 
 @pytest.fixture

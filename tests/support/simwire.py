@@ -21,6 +21,8 @@ from simwire.ports import Translator
 
 ADMIN_ID = "test-admin"
 ADMIN_SECRET = "test-admin-secret-0123456789"
+T0 = 1_767_225_600_000
+"""2026-01-01T00:00:00Z: where the shared `clock` fixture starts."""
 
 
 @asynccontextmanager

@@ -32,10 +32,9 @@ from simwire.config import Config
 from simwire.model import DeviceIdentity
 from tests.support.dtls import Client as DtlsClient
 from tests.support.net import UdpClient
-from tests.support.simwire import Api, envelopes, eventually, running
+from tests.support.simwire import T0, Api, envelopes, eventually, running
 from tests.support.tools import require_binary
 
-T0 = 1_767_225_600_000
 ICCID = "8988280666000000411"
 IP = "127.0.0.41"
 ICCID2 = "8988280666000000412"
@@ -49,17 +48,6 @@ FORBIDDEN, PRECONDITION_FAILED = coap.code(4, 3), coap.code(4, 12)
 DELETED, UNSUPPORTED = coap.code(2, 2), coap.code(4, 15)
 TLV, SENML_JSON, SENML_CBOR = (ContentFormat.TLV, ContentFormat.SENML_JSON,
                                ContentFormat.SENML_CBOR)
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(T0)
-
-
-@pytest.fixture
-async def node(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Simwire]:
-    async with running(tmp_path / "d", clock=clock) as app:
-        yield app
 
 
 async def add_sims(api: Api) -> None:
