@@ -1,7 +1,8 @@
 """Device pre-shared keys: sealed storage, the PSK API, import jobs and /bootstrap.
 
 Callers: authenticator.api (PSK routes), the CoAP endpoint's `GET /bootstrap` (through
-`Bootstrap`), the DTLS endpoint's key lookup (`PskService.psk_for`). Keys are sealed with
+`Bootstrap`), the DTLS endpoints' key lookups (`PskService.dtls_keys(role)`, one per port:
+`KeyRole` says which stored key the port checks), the LwM2M bootstrap server. Keys are sealed with
 AES-256-GCM (`SecretBox`) before they reach a store, bound to their ICCID and protocol, so
 a database dump alone does not reveal them; the key of the box lives outside the store.
 Secrets are never logged.
@@ -10,6 +11,7 @@ Secrets are never logged.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import secrets
@@ -98,6 +100,27 @@ class SecretBox:
             raise SealError("a stored PSK cannot be opened with this sealing key") from exc
 
 
+class KeyRole(enum.Enum):
+    """Which stored key a DTLS port checks for the device at a source IP (ADR 0008)."""
+
+    COAP = "COAP"
+    """The CoAPs port (5684), with LwM2M on it unless LwM2M has ports of its own: the
+    device's COAP key; a device without one, its LWM2M key."""
+    LWM2M = "LWM2M"
+    """A LwM2M-server port of its own (`lwm2m_coaps_port`, possibly shared with the
+    bootstrap server): the LWM2M key (the one the bootstrap server writes)."""
+    LWM2M_BOOTSTRAP = "LWM2M_BOOTSTRAP"
+    """A bootstrap-only port (`lwm2m_bootstrap_coaps_port`): the LWM2M key a user set (API
+    or import); generated keys are server keys, never bootstrap credentials."""
+
+    @property
+    def protocols(self) -> frozenset[DeviceProtocol]:
+        """The stored keys this role reads (a change to one drops the port's sessions)."""
+        if self is KeyRole.COAP:
+            return frozenset((DeviceProtocol.COAP, DeviceProtocol.LWM2M))
+        return frozenset((DeviceProtocol.LWM2M,))
+
+
 class SealError(Exception):
     """The sealing key does not open a stored PSK (wrong key file, tampered row)."""
 
@@ -140,16 +163,16 @@ class PskService:
         self._box = box
         self._clock = clock
         self._jobs: set[asyncio.Task[None]] = set()
-        self._keys: dict[str, tuple[float, str, bytes]] = {}
-        self.on_change: list[Callable[[str], object]] = []
-        """Called with a SIM's IP when its COAP key changes (the DTLS endpoint drops the
-        sessions made with the old key)."""
+        self._keys: dict[tuple[str, KeyRole], tuple[float, bytes | None]] = {}
+        self.on_change: list[Callable[[str, DeviceProtocol], object]] = []
+        """Called with a SIM's IP and the protocol whose key changed (the DTLS endpoints
+        whose role reads that key drop the sessions made with the old one)."""
 
     def _changed(self, sim: Sim, protocol: DeviceProtocol) -> None:
-        self._keys.pop(sim.iccid, None)
-        if protocol is DeviceProtocol.COAP:
-            for hook in self.on_change:
-                hook(sim.ip)
+        for role in KeyRole:
+            self._keys.pop((sim.iccid, role), None)
+        for hook in self.on_change:
+            hook(sim.ip, protocol)
 
     # -- sealing ---------------------------------------------------------------------------
 
@@ -245,28 +268,35 @@ class PskService:
                 return fresh
         raise RuntimeError(f"LWM2M key of {sim.iccid} kept changing during a bootstrap")
 
-    async def psk_for(self, ip: str) -> tuple[str, bytes] | None:
-        """DTLS key lookup (`integrator.endpoints.dtls.PskLookup`): the identity and key a
-        peer at `ip` must use: its enabled SIM's ICCID and COAP key, else None."""
-        sim = await self._lookup.by_ip(ip)
-        if sim is None or not sim.enabled:
-            return None
+    def dtls_keys(self, role: KeyRole) -> DtlsKeys:
+        """The key lookup of a DTLS port (`integrator.endpoints.dtls.PskLookup`)."""
+        return DtlsKeys(self, self._lookup, role)
+
+    async def key_for(self, sim: Sim, role: KeyRole) -> bytes | None:
+        """The key a DTLS port of `role` checks for `sim` (cached for KEY_CACHE_S; None:
+        the device has no such key). Called by DtlsKeys and the LwM2M bootstrap server."""
         now = self._clock.monotonic()
-        cached = self._keys.get(sim.iccid)
+        cached = self._keys.get((sim.iccid, role))
         if cached is not None and cached[0] > now:
-            return cached[1], cached[2]
-        stored = await self._repo.get_psk(sim.iccid, DeviceProtocol.COAP)
-        if stored is None:
-            return None
-        try:
-            key = self._open(stored).key
-        except SealError:
-            log.error("the COAP key of %s cannot be opened with this sealing key", sim.iccid)
-            return None
+            return cached[1]
+        stored = await self._repo.get_psk(
+            sim.iccid, DeviceProtocol.COAP if role is KeyRole.COAP else DeviceProtocol.LWM2M)
+        if stored is None and role is KeyRole.COAP:
+            stored = await self._repo.get_psk(sim.iccid, DeviceProtocol.LWM2M)
+        if role is KeyRole.LWM2M_BOOTSTRAP and stored is not None \
+                and stored.origin is not PskOrigin.API:
+            stored = None
+        key = None
+        if stored is not None:
+            try:
+                key = self._open(stored).key
+            except SealError:
+                log.error("the %s key of %s cannot be opened with this sealing key",
+                          stored.protocol.value, sim.iccid)
         if len(self._keys) >= 100_000:
             self._keys.clear()
-        self._keys[sim.iccid] = (now + KEY_CACHE_S, sim.iccid, key)
-        return sim.iccid, key
+        self._keys[(sim.iccid, role)] = (now + KEY_CACHE_S, key)
+        return key
 
     # -- import jobs -------------------------------------------------------------------------
 
@@ -352,6 +382,23 @@ class PskService:
         if job is None or job.org != org:
             raise NotFound(f"job {job_id} not found")
         return job
+
+
+class DtlsKeys:
+    """One DTLS port's key lookup (`PskService.dtls_keys`): the enabled SIM at the source
+    IP, its ICCID as the identity, its key for the port's role."""
+
+    def __init__(self, service: PskService, lookup: SimLookup, role: KeyRole) -> None:
+        self._service = service
+        self._lookup = lookup
+        self.role = role
+
+    async def psk_for(self, ip: str) -> tuple[str, bytes] | None:
+        sim = await self._lookup.by_ip(ip)
+        if sim is None or not sim.enabled:
+            return None
+        key = await self._service.key_for(sim, self.role)
+        return None if key is None else (sim.iccid, key)
 
 
 def _aad(psk: DevicePsk | StoredPsk) -> bytes:

@@ -2,7 +2,7 @@
 formats come from the simwire package, `integrator.lwm2m.formats`).
 
     python -m sdk_examples.lwm2m_client --server 127.0.0.1:5683 --endpoint 8988280666000000011 \\
-        --bind 0.0.0.0:56830 --lifetime 300 --send-every 60
+        --bind 0.0.0.0:56830 --lifetime 300 --send-every 60 [--bootstrap 127.0.0.1:5683]
 
 Like the 1NCE blueprints (Wakaama, Zephyr): endpoint name = ICCID, objects 1 (Server),
 3 (Device), 4 (Connectivity Monitoring) and 6 (Location); registers on `/rd` (2.01 with
@@ -11,6 +11,13 @@ with the Send operation (`POST /dp`, SenML JSON) and answers the server's reques
 same socket: Read (OMA-TLV, SenML JSON/CBOR, OMA-JSON or text/plain by the Accept option),
 Discover, Write (replace and partial update), Write-Attributes, Execute, Create, Delete and
 Observe (notifications when a value changes through `set`).
+
+With `--bootstrap` (`Lwm2mClient.bootstrap`) it first asks the bootstrap server
+(`POST /bs?ep=<ICCID>`), applies its Bootstrap-Delete and Bootstrap-Write requests to
+objects 0 (Security) and 1 (Server) until Bootstrap-Finish, then registers with the server
+that Security /0/x names (the instance that is not the bootstrap account) and the lifetime
+Server /1/x/1 says. Over plain CoAP only: aiocoap's client DTLS needs tinydtls; the tests
+drive DTLS bootstraps with an mbedtls client. Object 0 is never part of the registration.
 
 The root link advertises the preferred content format (`</>;rt="oma.lwm2m";ct=110`); a
 client created with `content_format=None` advertises none, so the server uses OMA-TLV.
@@ -26,6 +33,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiocoap
 import aiocoap.resource as resource
@@ -44,6 +52,7 @@ from integrator.lwm2m.formats import (
 from integrator.lwm2m.objects import Registry
 
 log = logging.getLogger("sdk_examples.lwm2m_client")
+SECURITY, SERVER = 0, 1
 
 
 def default_values(ip: str = "10.0.0.1") -> dict[str, Value]:
@@ -132,6 +141,7 @@ class Lwm2mClient:
         """Paths the server observes."""
         self._tree = _Tree(self)
         self._context: Any = None
+        self._finished: asyncio.Future[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -163,11 +173,50 @@ class Lwm2mClient:
         seen: set[str] = set()
         for path in self.values:
             ids = parse_path(path)
+            if ids[0] == SECURITY:
+                continue  # never registered (OMA Core 6.2.1)
             instance = f"/{ids[0]}/{ids[1]}"
             if instance not in seen:
                 seen.add(instance)
                 out.append(Link(instance))
         return format_links(out)
+
+    async def bootstrap(self, server: tuple[str, int], *, wait_s: float = 30.0,
+                        **query: str | None) -> str:
+        """Client-initiated bootstrap from the bootstrap server at `server` (module
+        docstring); returns the Bootstrap-Request's code ("2.04"; anything else: nothing
+        was changed). Raises TimeoutError without a Bootstrap-Finish within `wait_s`."""
+        params: dict[str, str | None] = {"ep": self.endpoint}
+        if self.content_format is not None:
+            params["pct"] = str(int(self.content_format))
+        params.update(query)
+        self._finished = asyncio.get_running_loop().create_future()
+        try:
+            res = await self._request(aiocoap.POST, ("bs",), _query(params), to=server)
+            if res.code != aiocoap.CHANGED:
+                return str(res.code.dotted)
+            async with asyncio.timeout(wait_s):
+                await self._finished
+        finally:
+            self._finished = None
+        account = self.server_account()
+        if account is not None:
+            uri = urlsplit(str(account.get("0")))
+            self.server = (str(uri.hostname), int(uri.port or 5683))
+        lifetime = next((v for p, v in self.values.items()
+                         if parse_path(p)[0] == SERVER and parse_path(p)[2:] == (1,)), None)
+        if isinstance(lifetime, int):
+            self.lifetime = lifetime
+        return str(res.code.dotted)
+
+    def server_account(self) -> dict[str, Value] | None:
+        """The Security instance of the LwM2M server (Bootstrap-Server false), by resource
+        ID (`{"0": uri, "2": mode, "3": identity, "5": key, "10": short server ID}`)."""
+        instances = {parse_path(p)[1] for p in self.values if parse_path(p)[0] == SECURITY}
+        for n in sorted(instances):
+            if self.values.get(f"/0/{n}/1") is False:
+                return {r.path.rsplit("/", 1)[1]: r.value for r in self.records(f"/0/{n}")}
+        return None
 
     async def register(self, **query: str | None) -> str:
         """`POST /rd?ep=..&lt=..&lwm2m=..&b=..`; returns the code ("2.01"). Extra query
@@ -224,9 +273,10 @@ class Lwm2mClient:
                 if p == prefix or p.startswith(prefix + "/")]
 
     async def _request(self, code: Any, path: Iterable[str], query: Iterable[str] = (),
-                       payload: bytes = b"", content_format: int | None = None) -> Any:
+                       payload: bytes = b"", content_format: int | None = None,
+                       to: tuple[str, int] | None = None) -> Any:
         assert self._context is not None, "start() first"
-        host, port = self.server
+        host, port = to or self.server
         msg = aiocoap.Message(code=code, payload=payload, uri=f"coap://{host}:{port}")
         msg.opt.uri_path = tuple(path)
         msg.opt.uri_query = tuple(query)
@@ -242,6 +292,11 @@ class Lwm2mClient:
         path = "/" + "/".join(segments)
         method = str(request.code)
         self.requests.append((method, path))
+        if segments == ("bs",) and request.code == aiocoap.POST:
+            return self._bootstrap_finish()
+        if self._finished is not None and request.code == aiocoap.DELETE \
+                and segments in (("0",), ("1",)):
+            return self._bootstrap_delete(int(segments[0]))
         try:
             ids = parse_path(path)
         except FormatError:
@@ -329,6 +384,22 @@ class Lwm2mClient:
         res.opt.location_path = (path.strip("/"), str(instance))
         return res
 
+    def _bootstrap_finish(self) -> Any:
+        if self._finished is None:
+            return aiocoap.Message(code=aiocoap.METHOD_NOT_ALLOWED)
+        if not self._finished.done():
+            self._finished.set_result(None)
+        return aiocoap.Message(code=aiocoap.CHANGED)
+
+    def _bootstrap_delete(self, obj: int) -> Any:
+        """Bootstrap-Delete of object 0 or 1: every instance but the bootstrap account."""
+        keep = {parse_path(p)[1] for p, v in self.values.items()
+                if obj == SECURITY and parse_path(p)[:3:2] == (SECURITY, 1) and v is True}
+        for path in [p for p in self.values if parse_path(p)[0] == obj]:
+            if parse_path(path)[1] not in keep:
+                del self.values[path]
+        return aiocoap.Message(code=aiocoap.DELETED)
+
     def _delete(self, path: str) -> Any:
         records = self.records(path)
         if not records or len(parse_path(path)) != 2:
@@ -346,9 +417,13 @@ def _query(params: Mapping[str, str | None]) -> list[str]:
 
 
 async def run(endpoint: str, server: tuple[str, int], bind: tuple[str, int], lifetime: int,
-              send_every: float) -> None:
-    """Register, then update at 3/4 of the lifetime and Send /3/0 every `send_every` s."""
+              send_every: float, bootstrap: tuple[str, int] | None = None) -> None:
+    """Bootstrap (if asked), register, then update at 3/4 of the lifetime and Send /3/0
+    every `send_every` s."""
     async with Lwm2mClient(endpoint, server, bind=bind, lifetime=lifetime) as client:
+        if bootstrap is not None:
+            code = await client.bootstrap(bootstrap)
+            print("bootstrap:", code, f"server {client.server[0]}:{client.server[1]}")
         print("register:", await client.register(), "/".join(client.location or ()))
         loop = asyncio.get_running_loop()
         next_update = loop.time() + lifetime * 0.75
@@ -377,9 +452,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bind", default="0.0.0.0:56830", help="local address:port")
     ap.add_argument("--lifetime", type=int, default=300)
     ap.add_argument("--send-every", type=float, default=60.0)
+    ap.add_argument("--bootstrap", help="host:port of the bootstrap server (plain CoAP): "
+                                        "bootstrap first, then use the server it writes")
     a = ap.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(a.endpoint, _addr(a.server), _addr(a.bind), a.lifetime, a.send_every))
+        asyncio.run(run(a.endpoint, _addr(a.server), _addr(a.bind), a.lifetime, a.send_every,
+                        _addr(a.bootstrap) if a.bootstrap else None))
 
 
 if __name__ == "__main__":

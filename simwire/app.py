@@ -23,7 +23,7 @@ from aiohttp import web
 from authenticator import api as sims_api
 from authenticator.lookup import SimLookup
 from authenticator.management import SimManagement
-from authenticator.psk import Bootstrap, PskService, SecretBox
+from authenticator.psk import Bootstrap, DtlsKeys, KeyRole, PskService, SecretBox
 from energy_saver import api as templates_api
 from energy_saver.service import SAVINGS_KEEP_DAYS, Templates
 from energy_saver.translator import CodecCache, TemplateTranslator
@@ -63,6 +63,30 @@ class BoundPorts:
     coap: int
     http: int
     coaps: int
+    lwm2m: int
+    """The LwM2M server's plain port (the CoAP port unless it has its own)."""
+    lwm2m_coaps: int
+    lwm2m_bootstrap: int
+    lwm2m_bootstrap_coaps: int
+
+    def describe(self) -> str:
+        """`udp=4445 coap=5683 coaps=5684`, then the LwM2M ports that are their own."""
+        text = f"udp={self.udp} coap={self.coap} coaps={self.coaps}"
+        for name, port in (("lwm2m", self.lwm2m), ("lwm2m_coaps", self.lwm2m_coaps),
+                           ("lwm2m_bootstrap", self.lwm2m_bootstrap),
+                           ("lwm2m_bootstrap_coaps", self.lwm2m_bootstrap_coaps)):
+            if port not in (self.coap, self.coaps):
+                text += f" {name}={port}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class CoapPort:
+    """One bound CoAP endpoint: its handler, port and, behind DTLS, its key lookup."""
+
+    protocol: coap_endpoint.CoapServerProtocol
+    port: int
+    keys: DtlsKeys | None
 
 
 class Simwire:
@@ -203,42 +227,91 @@ class Simwire:
                 udp_endpoint.UdpConfig(max_payload=cfg.max_payload),
             )
             stack.callback(udp.close)
-            coap = await coap_endpoint.serve(
-                cfg.host, cfg.coap_port, self.pipeline, self.clock, self.metrics,
-                coap_endpoint.CoapConfig(max_payload=cfg.max_payload), bootstrap.answer,
-            )
-            stack.callback(coap.close)
-            secure_coap = coap_endpoint.CoapServerProtocol(
-                self.pipeline, self.clock, self.metrics,
-                coap_endpoint.CoapConfig(max_payload=cfg.max_payload))
-            coaps = await dtls_endpoint.serve(
-                cfg.host, cfg.coaps_port, secure_coap,
-                self.psks, self.clock, self.metrics, on_refused=self._dtls_refused,
-            )
-            stack.callback(coaps.close)
-            self.psks.on_change.append(coaps.endpoint.forget)
-            # LwM2M bootstrap server: `POST /bs` on the CoAP and CoAPs ports (spec 1.6)
+            # CoAP :5683 (ingest, /bootstrap) and CoAPs :5684; LwM2M's routes join them
+            # unless LwM2M has ports of its own (ADR 0008)
+            coap_config = coap_endpoint.CoapConfig(max_payload=cfg.max_payload)
+            shared = {
+                False: await self._coap_port(
+                    cfg.coap_port, None, coap_endpoint.CoapServerProtocol(
+                        self.pipeline, self.clock, self.metrics, coap_config,
+                        bootstrap=bootstrap.answer)),
+                True: await self._coap_port(
+                    cfg.coaps_port, KeyRole.COAP, coap_endpoint.CoapServerProtocol(
+                        self.pipeline, self.clock, self.metrics, coap_config)),
+            }
+            own: dict[tuple[int, bool], CoapPort] = {}
+
+            async def lwm2m_port(port: int | None, secure: bool, role: KeyRole) -> CoapPort:
+                """The endpoint for a LwM2M port setting: the shared one (unset, or the
+                CoAP(s) port), one opened before for the same port, or a new one."""
+                if port is None or port and port == (cfg.coaps_port if secure
+                                                     else cfg.coap_port):
+                    return shared[secure]
+                if port and (port, secure) in own:
+                    return own[(port, secure)]
+                opened = own[(port, secure)] = await self._coap_port(
+                    port, role if secure else None, coap_endpoint.CoapServerProtocol(
+                        self.pipeline, self.clock, self.metrics, coap_config,
+                        Protocol.LWM2M, ingest=False))
+                return opened
+
+            server = {False: await lwm2m_port(cfg.lwm2m_port, False, KeyRole.LWM2M),
+                      True: await lwm2m_port(cfg.lwm2m_coaps_port, True, KeyRole.LWM2M)}
+            bootstrapper = {
+                False: await lwm2m_port(cfg.lwm2m_bootstrap_port, False, KeyRole.LWM2M),
+                True: await lwm2m_port(cfg.lwm2m_bootstrap_coaps_port, True,
+                                       KeyRole.LWM2M_BOOTSTRAP)}
+            # LwM2M bootstrap server: `POST /bs` (spec 1.6)
+            server_keys = server[True].keys
+            assert server_keys is not None
             self.lwm2m_bootstrap = BootstrapServer(
                 lookup, self.psks, self.admin_logs, self.metrics, self.clock, Uris.build(
-                    coap.port, coaps.port, cfg.lwm2m_server_url, cfg.lwm2m_server_coaps_url,
-                    cfg.lwm2m_bootstrap_url, cfg.lwm2m_bootstrap_coaps_url), cfg.host)
+                    (server[False].port, server[True].port),
+                    (bootstrapper[False].port, bootstrapper[True].port),
+                    cfg.lwm2m_server_url, cfg.lwm2m_server_coaps_url,
+                    cfg.lwm2m_bootstrap_url, cfg.lwm2m_bootstrap_coaps_url),
+                cfg.host, server_keys)
             stack.push_async_callback(self.lwm2m_bootstrap.stop)
-            plain_coap = coap.transport.get_protocol()
-            assert isinstance(plain_coap, coap_endpoint.CoapServerProtocol)
-            plain_coap.routes[BS_ROUTE] = self.lwm2m_bootstrap.handler(plain_coap, secure=False)
-            secure_coap.routes[BS_ROUTE] = self.lwm2m_bootstrap.handler(secure_coap, secure=True)
-            # LwM2M server: /rd and /dp on both CoAP endpoints (plain and DTLS)
-            self.lwm2m.attach(plain_coap, secure=False)
-            self.lwm2m.attach(secure_coap, secure=True)
-            self.ports = BoundPorts(udp.port, coap.port, http_port, coaps.port)
+            for ep in bootstrapper.values():
+                ep.protocol.routes[BS_ROUTE] = self.lwm2m_bootstrap.handler(ep.protocol,
+                                                                           ep.keys)
+            # LwM2M server: /rd and /dp
+            for secure, ep in server.items():
+                self.lwm2m.attach(ep.protocol, secure=secure)
+            self.ports = BoundPorts(
+                udp.port, shared[False].port, http_port, shared[True].port,
+                server[False].port, server[True].port, bootstrapper[False].port,
+                bootstrapper[True].port)
         except BaseException:
             await stack.aclose()
             raise
-        log.info(
-            "simwire listening: udp %s:%d coap %s:%d coaps %s:%d http %s:%d store %s",
-            cfg.host, self.ports.udp, cfg.host, self.ports.coap, cfg.host, self.ports.coaps,
-            cfg.http_host or cfg.host, self.ports.http, self.store.name,
-        )
+        log.info("simwire listening on %s: %s; http %s:%d; store %s", cfg.host,
+                 self.ports.describe(), cfg.http_host or cfg.host, self.ports.http,
+                 self.store.name)
+
+    async def _coap_port(self, port: int, role: KeyRole | None,
+                         protocol: coap_endpoint.CoapServerProtocol) -> CoapPort:
+        """Bind `protocol` on `port`: plain CoAP (`role` None) or behind DTLS checking the
+        keys of `role`; closed when the app stops."""
+        cfg = self.config
+        if role is None:
+            plain = await coap_endpoint.serve(cfg.host, port, protocol)
+            self._stack.callback(plain.close)
+            return CoapPort(protocol, plain.port, None)
+        keys = self.psks.dtls_keys(role)
+        label = "COAP" if role is KeyRole.COAP else "LWM2M"
+        secure = await dtls_endpoint.serve(
+            cfg.host, port, protocol, keys, self.clock, self.metrics,
+            dtls_endpoint.DtlsConfig(protocol=label), on_refused=self._dtls_refused)
+        self._stack.callback(secure.close)
+        forget = secure.endpoint.forget
+
+        def changed(ip: str, protocol: Protocol) -> None:
+            if protocol in role.protocols:
+                forget(ip)
+
+        self.psks.on_change.append(changed)
+        return CoapPort(protocol, secure.port, keys)
 
     def _dtls_refused(self, ip: str, reason: str) -> None:
         """A DTLS peer got no session (the endpoint rate-limits this per IP)."""
@@ -294,9 +367,7 @@ async def run(config: Config) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
-    print(f"simwire ready udp={app.ports.udp} coap={app.ports.coap} coaps={app.ports.coaps} "
-          f"http={app.ports.http}",
-          flush=True)
+    print(f"simwire ready {app.ports.describe()} http={app.ports.http}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -31,6 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--coap-port", dest="coap_port", type=int, help="default 5683")
     serve.add_argument("--coaps-port", dest="coaps_port", type=int,
                        help="CoAP over DTLS-PSK, default 5684")
+    serve.add_argument("--lwm2m-port", dest="lwm2m_port", type=int,
+                       help="LwM2M server on a plain port of its own (default: the CoAP port)")
+    serve.add_argument("--lwm2m-coaps-port", dest="lwm2m_coaps_port", type=int,
+                       help="LwM2M server behind DTLS on a port of its own, LWM2M keys "
+                            "(default: the CoAPs port)")
+    serve.add_argument("--lwm2m-bootstrap-port", dest="lwm2m_bootstrap_port", type=int,
+                       help="LwM2M bootstrap server on a plain port of its own "
+                            "(default: the CoAP port)")
+    serve.add_argument("--lwm2m-bootstrap-coaps-port", dest="lwm2m_bootstrap_coaps_port",
+                       type=int, help="LwM2M bootstrap server behind DTLS on a port of its "
+                                      "own (default: the CoAPs port)")
     serve.add_argument("--http-port", dest="http_port", type=int, help="default 8080")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])

@@ -29,6 +29,19 @@ class Config:
     coaps_url: str = "coaps://coap.os.1nce.com:5684"
     """Third field of the `/bootstrap` answer: where devices reach CoAP over DTLS (the 1NCE
     SDK ignores it and uses its compiled endpoint; other clients may use it)."""
+    lwm2m_port: int | None = None
+    """A plain CoAP port of its own for the LwM2M server (`/rd`, `/dp`); unset: it shares
+    the CoAP port, told apart by path. Ports equal to another LwM2M port share one socket
+    (0: a port of its own chosen by the kernel)."""
+    lwm2m_coaps_port: int | None = None
+    """The same behind DTLS; its key is the device's LWM2M key (ADR 0008). Unset: the
+    CoAPs port, whose key is the COAP key (the LWM2M key for devices without one)."""
+    lwm2m_bootstrap_port: int | None = None
+    """A plain CoAP port of its own for the LwM2M bootstrap server (`/bs`); unset: the
+    CoAP port."""
+    lwm2m_bootstrap_coaps_port: int | None = None
+    """The same behind DTLS; unless it is also the LwM2M server's port, its key is the
+    LWM2M key a user set (API or import). Unset: the CoAPs port."""
     lwm2m_passive_reporting: bool = False
     """1NCE's LWM2M_PASSIVE_REPORTING: read every object instance except 1, 2, 3 on each
     registration and update (the results become telemetry)."""
@@ -104,7 +117,7 @@ def _coerce(values: Mapping[str, Any], source: str) -> dict[str, Any]:
         if typ is None:
             raise ValueError(f"{source}: unknown setting {key!r}")
         try:
-            if typ == "int":
+            if typ in ("int", "int | None"):
                 out[key] = int(val)
             elif typ == "float":
                 out[key] = float(val)

@@ -133,18 +133,21 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
     def __init__(
         self, pipeline: Pipeline, clock: Clock, metrics: Metrics, config: CoapConfig,
         protocol: Protocol = Protocol.COAP, bootstrap: BootstrapHook | None = None,
-        routes: dict[str, RouteHandler] | None = None,
+        routes: dict[str, RouteHandler] | None = None, ingest: bool = True,
     ) -> None:
+        """`protocol`: the uplink protocol and metric label; `ingest=False`: only `routes`
+        are served, any other path gets 4.04 (LwM2M ports of their own)."""
         self._pipeline = pipeline
         self.routes: dict[str, RouteHandler] = dict(routes or {})
         """First Uri-Path segment -> handler (the app adds LwM2M's after construction)."""
+        self._ingest = ingest
         if bootstrap is not None:
             self.routes[BOOTSTRAP_PATH[0]] = bootstrap_route(bootstrap)
         self._identity: Callable[[tuple[str, int]], str | None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._metrics = metrics
-        self._config = config
+        self.config = config
         self._protocol = protocol
         self._dedup = DedupCache(clock, EXCHANGE_LIFETIME_S, config.dedup_max_entries)
         self._transport: asyncio.DatagramTransport | None = None
@@ -214,7 +217,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         if handler is not None:
             self._answer_route(msg, addr, key, handler)
             return
-        if route not in INGEST_PATHS:
+        if route not in INGEST_PATHS or not self._ingest:
             self._finish(msg, addr, key, coap.NOT_FOUND, "Not Found")
             return
         if msg.code != coap.POST:
@@ -230,12 +233,12 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             self._count_bad()
             self._finish(msg, addr, key, coap.BAD_REQUEST, "invalid topic")
             return
-        if len(msg.payload) > self._config.max_payload:
+        if len(msg.payload) > self.config.max_payload:
             self._count_bad()
             self._finish(msg, addr, key, coap.REQUEST_ENTITY_TOO_LARGE, "",
-                         [(coap.OPT_SIZE1, coap.uint_option(self._config.max_payload))])
+                         [(coap.OPT_SIZE1, coap.uint_option(self.config.max_payload))])
             return
-        if self._pipeline.inflight >= self._config.max_inflight:
+        if self._pipeline.inflight >= self.config.max_inflight:
             self._count_overloaded()
             return  # no dedup entry: the device's retransmission is a fresh attempt
         pending = self._dedup.put(key)
@@ -332,16 +335,10 @@ def _sdk_safe_mid(mid: int) -> bool:
     return 0 not in (hi, lo) and (hi, lo) != (0x38, 0x39) and lo != 0x38
 
 
-async def serve(
-    host: str, port: int, pipeline: Pipeline, clock: Clock, metrics: Metrics,
-    config: CoapConfig | None = None, bootstrap: BootstrapHook | None = None,
-) -> DatagramServer:
-    """Start the CoAP endpoint; called by simwire.app."""
-    cfg = config or CoapConfig()
+async def serve(host: str, port: int, protocol: CoapServerProtocol) -> DatagramServer:
+    """Start a plain CoAP endpoint running `protocol`; called by simwire.app."""
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: CoapServerProtocol(pipeline, clock, metrics, cfg, bootstrap=bootstrap),
-        sock=bind_udp(host, port, cfg.rcvbuf),
-    )
+        lambda: protocol, sock=bind_udp(host, port, protocol.config.rcvbuf))
     return DatagramServer(transport)
 

@@ -35,9 +35,6 @@ T = TypeVar("T")
 MAX_DATAGRAM = 16 * 1024
 """Larger datagrams are dropped unread (a DTLS record is at most 2^14 + 2048 bytes; CoAP
 over DTLS stays well below the path MTU)."""
-METRIC_PROTOCOL = "COAP"
-"""`simwire_dtls_total{protocol="COAP", outcome=...}` counts handshake and session outcomes
-(the CoAP messages inside count as COAP uplinks)."""
 
 
 class DtlsError(Exception):
@@ -141,6 +138,9 @@ class DtlsConfig:
     sweep_interval_s: float = 1.0
     """How often (real time) idle sessions and stalled handshakes are looked for."""
     rcvbuf: int = 4 * 1024 * 1024
+    protocol: str = "COAP"
+    """`simwire_dtls_total{protocol=..., outcome=...}` label of this port's handshake and
+    session outcomes (`LWM2M` on LwM2M ports of their own)."""
 
 
 def client_hello_random(data: bytes) -> bytes | None:
@@ -254,7 +254,7 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
         self._warn = RateLimitedLogger(log)
         c = (metrics or Metrics()).dtls
         self._count: dict[str, Callable[[], None]] = {
-            name: c.labels(METRIC_PROTOCOL, name).inc for name in (
+            name: c.labels(cfg.protocol, name).inc for name in (
                 "hello_verify", "handshake", "handshake_failed", "handshake_timeout",
                 "unknown_peer", "rate_limited", "overloaded", "no_session", "idle_timeout",
                 "evicted", "replaced", "closed", "session_error", "undeliverable", "oversized",

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from authenticator.psk import KeyRole
 from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.model import DEFAULT_ORG, Protocol
@@ -40,13 +41,36 @@ async def test_set_and_read_keys(api: Api, node: Simwire) -> None:
     assert status == 200 and coap_key["secretKey"] == "secret-key-1"
     status, lwm2m = await api.call("GET", f"/v1/integrate/devices/{ICCIDS[0]}/psk/LWM2M")
     assert status == 200 and lwm2m["secretKey"] == "00112233aabbccdd"
-    # the DTLS lookup by source IP: identity and key bytes (hex decoded for HEX keys)
-    assert await node.psks.psk_for("127.0.1.1") == (ICCIDS[0], b"secret-key-1")
-    assert await node.psks.psk_for("127.0.1.2") is None  # no key yet
-    assert await node.psks.psk_for("127.0.9.9") is None  # no SIM
+    # the DTLS lookups by source IP: identity and key bytes (hex decoded for HEX keys)
+    coaps = node.psks.dtls_keys(KeyRole.COAP)
+    assert await coaps.psk_for("127.0.1.1") == (ICCIDS[0], b"secret-key-1")
+    for role in (KeyRole.LWM2M, KeyRole.LWM2M_BOOTSTRAP):
+        assert await node.psks.dtls_keys(role).psk_for("127.0.1.1") == (
+            ICCIDS[0], bytes.fromhex("00112233aabbccdd"))
+    for role in KeyRole:
+        assert await node.psks.dtls_keys(role).psk_for("127.0.1.2") is None  # no key yet
+        assert await node.psks.dtls_keys(role).psk_for("127.0.9.9") is None  # no SIM
     for missing in (f"{ICCIDS[1]}/psk/COAP", f"{ICCIDS[0]}/psk/UDP", "89000/psk/COAP"):
         status, _ = await api.call("GET", f"/v1/integrate/devices/{missing}")
         assert status == 404, missing
+
+
+async def test_port_roles_pick_their_key(api: Api, node: Simwire) -> None:
+    """ADR 0008: the CoAPs port falls back to the LWM2M key of a device without a COAP key;
+    a bootstrap-only port takes only a key a user set, never a generated server key."""
+    sim = await node.store.get(ICCIDS[1])
+    assert sim is not None
+    issued = await node.psks.issue_lwm2m_server_key(sim)  # as a plain LwM2M bootstrap does
+    expected = (ICCIDS[1], issued.secret.encode())
+    assert await node.psks.dtls_keys(KeyRole.COAP).psk_for("127.0.1.2") == expected
+    assert await node.psks.dtls_keys(KeyRole.LWM2M).psk_for("127.0.1.2") == expected
+    assert await node.psks.dtls_keys(KeyRole.LWM2M_BOOTSTRAP).psk_for("127.0.1.2") is None
+    status, _ = await api.call("POST", f"/v1/integrate/devices/{ICCIDS[1]}/psk", {
+        "secretKey": "coap-key-22", "protocol": "COAP"})
+    assert status == 200
+    assert await node.psks.dtls_keys(KeyRole.COAP).psk_for("127.0.1.2") == (
+        ICCIDS[1], b"coap-key-22")  # the change dropped the cached LWM2M fallback
+    assert await node.psks.dtls_keys(KeyRole.LWM2M).psk_for("127.0.1.2") == expected
 
 
 @pytest.mark.parametrize(("body", "errors"), [

@@ -565,9 +565,9 @@ class FakePipeline:
 async def test_endpoint_ingests_and_completes_server_initiated_requests(
         clock: ManualClock) -> None:
     pipeline = FakePipeline()
-    server = await coap_endpoint.serve("127.0.0.1", 0, pipeline, clock, Metrics())  # type: ignore[arg-type]
-    proto = server.transport.get_protocol()
-    assert isinstance(proto, coap_endpoint.CoapServerProtocol)
+    proto = coap_endpoint.CoapServerProtocol(
+        pipeline, clock, Metrics(), coap_endpoint.CoapConfig())  # type: ignore[arg-type]
+    server = await coap_endpoint.serve("127.0.0.1", 0, proto)
     dev = await UdpClient.open(("127.0.0.1", server.port))  # replies only from that port
     try:
         post = msg(coap.CON, coap.POST, 0x0101, b"tk", [(coap.OPT_URI_QUERY, b"t=test")], b"hi")

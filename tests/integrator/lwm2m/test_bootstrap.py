@@ -14,25 +14,22 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from mbedtls import tls
 
+from authenticator.psk import KeyRole
 from integrator import coap
 from integrator.lwm2m.bootstrap import Uris, _route_source
-from integrator.lwm2m.formats import ContentFormat, Value, decode
-from integrator.lwm2m.objects import Registry
+from integrator.lwm2m.formats import ContentFormat, Value
 from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.model import Sim, SimStatus
-from tests.support.dtls import Client as DtlsClient
-from tests.support.net import UdpListener
+from tests.support.lwm2m import DtlsDevice, Seen, UdpDevice, default_answer
 from tests.support.simwire import Api, eventually, running
 
 ICCID = "8988280666000000411"
@@ -40,173 +37,9 @@ IP = "127.0.0.41"
 DISABLED_ICCID, DISABLED_IP = "8988280666000000412", "127.0.0.42"
 OTHER_ICCID, OTHER_IP = "8988280666000000413", "127.0.0.43"
 UNKNOWN_IP = "127.0.0.44"
-REGISTRY = Registry.default()
 TLV, SENML_JSON = ContentFormat.TLV, ContentFormat.SENML_JSON
-DELETED = coap.code(2, 2)
 PLAN = [("DELETE", "/0"), ("DELETE", "/1"), ("PUT", "/0/0"), ("PUT", "/0/1"), ("PUT", "/1/0"),
         ("POST", "/bs")]
-METHODS = {coap.GET: "GET", coap.POST: "POST", coap.PUT: "PUT", coap.DELETE: "DELETE"}
-
-
-# -- a scripted LwM2M client ----------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    """A request the server sent to the client."""
-
-    method: str
-    path: str
-    content_format: int | None
-    payload: bytes
-    mid: int
-
-    def values(self) -> dict[str, Value]:
-        assert self.content_format is not None
-        records = decode(self.content_format, self.payload, self.path, REGISTRY)
-        assert all(r.time is None for r in records)
-        return {r.path: r.value for r in records}
-
-
-def default_answer(req: Seen) -> int:
-    return DELETED if req.method == "DELETE" else coap.CHANGED
-
-
-class Device:
-    """A LwM2M client's CoAP side on some datagram transport (`_send`, `_recv`)."""
-
-    def __init__(self) -> None:
-        self._mid = 0x4200
-        self.responses: list[coap.Message] = []
-        self.pending: list[coap.Message] = []  # server requests read while awaiting a response
-        self.seen: list[Seen] = []
-
-    def _send(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    async def _recv(self, timeout: float) -> bytes:
-        raise NotImplementedError
-
-    async def recv(self, timeout: float = 5.0) -> coap.Message:
-        return coap.parse(await self._recv(timeout))
-
-    def post_bs(self, *query: str, mid: int | None = None) -> int:
-        """Send the Bootstrap-Request (CON POST /bs?...); returns its MID."""
-        if mid is None:
-            self._mid += 1
-            mid = self._mid
-        options = [(coap.OPT_URI_PATH, b"bs"), *((coap.OPT_URI_QUERY, q.encode()) for q in query)]
-        self._send(coap.serialize(coap.Message(coap.CON, coap.POST, mid, b"\x0b\x5e",
-                                               options)))
-        return mid
-
-    async def bootstrap_request(self, *query: str, code: int = coap.POST,
-                                path: bytes = b"bs") -> coap.Message:
-        """A request to the bootstrap route; returns the server's response to it."""
-        self._mid += 1
-        options = [(coap.OPT_URI_PATH, path), *((coap.OPT_URI_QUERY, q.encode()) for q in query)]
-        self._send(coap.serialize(coap.Message(coap.CON, code, self._mid, b"\x0b\x5e",
-                                               options)))
-        return await self.response(self._mid)
-
-    async def response(self, mid: int, timeout: float = 5.0) -> coap.Message:
-        """The ACK to our request `mid` (server requests meanwhile are kept, unanswered)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            for msg in self.responses:
-                if msg.mid == mid:
-                    self.responses.remove(msg)
-                    return msg
-            msg = await self.recv(deadline - loop.time())
-            if msg.is_request:
-                self.pending.append(msg)
-            else:
-                self.responses.append(msg)
-
-    async def serve(self, answer: Callable[[Seen], int] = default_answer,
-                    timeout: float = 5.0) -> list[Seen]:
-        """Answer the server's requests (piggy-backed ACKs) until Bootstrap-Finish or the
-        first non-2.xx answer; returns them (retransmissions are ACKed, not listed)."""
-        got: list[Seen] = []
-        while True:
-            msg = self.pending.pop(0) if self.pending else await self.recv(timeout)
-            if not msg.is_request:
-                self.responses.append(msg)
-                continue
-            assert msg.mtype == coap.CON
-            path = "/" + "/".join(v.decode() for v in msg.opt_all(coap.OPT_URI_PATH))
-            cf = msg.opt(coap.OPT_CONTENT_FORMAT)
-            req = Seen(METHODS[msg.code], path, None if cf is None else int.from_bytes(cf),
-                       msg.payload, msg.mid)
-            known = next((r for r in self.seen if r.mid == req.mid), None)
-            code = answer(req) if known is None else answer(known)
-            self._send(coap.serialize(coap.Message(coap.ACK, code, msg.mid, msg.token)))
-            if known is not None:
-                continue  # a retransmission
-            self.seen.append(req)
-            got.append(req)
-            if code >> 5 != 2 or (req.method, req.path) == ("POST", "/bs"):
-                return got
-
-    async def expect_silence(self, seconds: float = 0.5) -> None:
-        try:
-            data = await self._recv(seconds)
-        except TimeoutError:
-            return
-        raise AssertionError(f"expected nothing, got {coap.parse(data)}")
-
-
-class UdpDevice(Device):
-    def __init__(self, sock: UdpListener, server: tuple[str, int]) -> None:
-        super().__init__()
-        self.sock = sock
-        self.server = server
-
-    @classmethod
-    async def open(cls, app: Simwire, ip: str = IP) -> UdpDevice:
-        return cls(await UdpListener.open(ip), ("127.0.0.1", app.ports.coap))
-
-    def _send(self, data: bytes) -> None:
-        self.sock.send_to(data, self.server)
-
-    async def _recv(self, timeout: float) -> bytes:
-        return await self.sock.recv(timeout)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class DtlsDevice(Device):
-    def __init__(self, client: DtlsClient) -> None:
-        super().__init__()
-        self.client = client
-
-    @classmethod
-    async def open(cls, app: Simwire, key: str, ip: str = IP) -> DtlsDevice:
-        client = await DtlsClient.open(app.ports.coaps, ICCID, key.encode(), local=(ip, 0))
-        await client.handshake()
-        return cls(client)
-
-    def _send(self, data: bytes) -> None:
-        self.client.send_app(data)
-
-    async def _recv(self, timeout: float) -> bytes:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                data = bytes(self.client.buf.read(2048))
-            except tls.WantReadError:
-                data = b""
-            if data:
-                return data
-            self.client.buf.receive_from_network(
-                await asyncio.wait_for(self.client.queue.get(), deadline - loop.time()))
-
-    def close(self) -> None:
-        assert self.client.transport is not None
-        self.client.transport.close()
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
@@ -233,7 +66,7 @@ async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
 
 @pytest.fixture
 async def dev(node: Simwire) -> AsyncIterator[UdpDevice]:
-    device = await UdpDevice.open(node)
+    device = await UdpDevice.open(node.ports.coap, IP)
     yield device
     device.close()
 
@@ -323,7 +156,7 @@ async def test_the_server_key_is_fresh_on_every_bootstrap(
     async with running(tmp_path / "d", store=store_url, clock=clock) as app:
         await add_sims(app)
         api = await Api.login(app, http)
-        dev = await UdpDevice.open(app)
+        dev = await UdpDevice.open(app.ports.coap, IP)
         try:
             secrets = []
             for pct in ("pct=110", "pct=11542", "pct=110"):
@@ -356,7 +189,7 @@ async def test_configured_uris(tmp_path: Path) -> None:
     async with running(tmp_path / "d", lwm2m_server_url="coap://{address}:15683",
                        lwm2m_bootstrap_url="coap://lwm2m.os.1nce.com:5683") as app:
         await add_sims(app)
-        dev = await UdpDevice.open(app)
+        dev = await UdpDevice.open(app.ports.coap, IP)
         try:
             assert (await dev.bootstrap_request(f"ep={ICCID}")).code == coap.CHANGED
             check_writes(await dev.serve(), TLV, 3, "coap://127.0.0.1:15683",
@@ -382,7 +215,7 @@ async def test_bad_uri_settings_stop_the_start(tmp_path: Path, setting: str, val
 
 
 def test_uri_defaults_and_the_address_seen_by_the_device() -> None:
-    uris = Uris.build(5683, 5684)
+    uris = Uris.build((5683, 5684), (5683, 5684))
     assert uris == Uris("coap://{address}:5683", "coaps://{address}:5684",
                         "coap://{address}:5683", "coaps://{address}:5684")
     uris.check()
@@ -394,27 +227,32 @@ def test_uri_defaults_and_the_address_seen_by_the_device() -> None:
 
 async def test_bootstrap_over_dtls_writes_psk_mode_and_coaps_uris(
         node: Simwire, api: Api) -> None:
+    """On the shared CoAPs port the server key is the key of that port (the device's COAP
+    key): the session the device bootstrapped through stays valid and no LWM2M key is
+    issued (ADR 0008)."""
     status, body = await api.call("POST", f"/v1/integrate/devices/{ICCID}/psk", {
         "secretKey": "DtlsBootstrap-1", "protocol": "COAP", "format": "STRING"})
     assert status == 200, body
-    dev = await DtlsDevice.open(node, "DtlsBootstrap-1")
+    dev = await DtlsDevice.open(node.ports.coaps, ICCID, b"DtlsBootstrap-1", IP)
     try:
         reply = await dev.bootstrap_request(f"ep={ICCID}")
         assert (reply.mtype, reply.code) == (coap.ACK, coap.CHANGED)
         url = f"coaps://127.0.0.1:{node.ports.coaps}"
-        secret = check_writes(await dev.serve(), TLV, 0, url, url)
+        assert check_writes(await dev.serve(), TLV, 0, url, url) == b"DtlsBootstrap-1"
         await dev.expect_silence()
+        # still the same session: it registers with the server the bootstrap named
+        assert (await dev.register(ICCID)).code == coap.CREATED
     finally:
         dev.close()
-    status, key = await lwm2m_key(api)
-    assert key["secretKey"] == secret.decode()
+    assert (await lwm2m_key(api))[0] == 404
     assert count(node, "bootstrap_ok") == 1
 
 
 async def test_dtls_identity_must_be_the_iccid(node: Simwire, api: Api) -> None:
     # The DTLS endpoint already binds identity and key to the SIM at the source IP; the
     # bootstrap server checks again (defence in depth), seen here below the transport.
-    secure = node.lwm2m_bootstrap.handler(_NoRequests(), secure=True)
+    secure = node.lwm2m_bootstrap.handler(_NoRequests(),
+                                          node.psks.dtls_keys(KeyRole.COAP))
     msg = coap.Message(coap.CON, coap.POST, 1, b"", [(coap.OPT_URI_PATH, b"bs"),
                                                      (coap.OPT_URI_QUERY, f"ep={ICCID}".encode())])
     for identity in (OTHER_ICCID, None):
@@ -442,7 +280,7 @@ class _NoRequests:
 async def test_refusals_are_answered_and_logged(
         node: Simwire, api: Api, ip: str, ep: str, code: int, iccid: str | None,
         why: str) -> None:
-    dev = await UdpDevice.open(node, ip)
+    dev = await UdpDevice.open(node.ports.coap, ip)
     try:
         for _ in range(3):
             assert (await dev.bootstrap_request(f"ep={ep}")).code == code
@@ -542,7 +380,7 @@ async def test_an_unanswered_request_times_out(tmp_path: Path, http: aiohttp.Cli
     async with running(tmp_path / "d", clock=clock) as app:
         await add_sims(app)
         api = await Api.login(app, http)
-        dev = await UdpDevice.open(app)
+        dev = await UdpDevice.open(app.ports.coap, IP)
         try:
             assert (await dev.bootstrap_request(f"ep={ICCID}")).code == coap.CHANGED
             first = await dev.recv()
@@ -567,7 +405,7 @@ async def test_an_unanswered_request_times_out(tmp_path: Path, http: aiohttp.Cli
 async def test_shutdown_cancels_a_running_bootstrap(tmp_path: Path) -> None:
     async with running(tmp_path / "d") as app:
         await add_sims(app)
-        dev = await UdpDevice.open(app)
+        dev = await UdpDevice.open(app.ports.coap, IP)
         try:
             assert (await dev.bootstrap_request(f"ep={ICCID}")).code == coap.CHANGED
             assert (await dev.recv()).code == coap.DELETE  # never answered
