@@ -74,10 +74,15 @@ class Device:
     async def bootstrap_request(self, *query: str, code: int = coap.POST,
                                 path: bytes = b"bs") -> coap.Message:
         """A request to the bootstrap route; returns the server's response to it."""
+        return await self.call(code, path, *query)
+
+    async def call(self, code: int, path: bytes, *query: str, payload: bytes = b""
+                   ) -> coap.Message:
+        """A CON request to the one-segment `path`; returns the server's response."""
         self._mid += 1
         options = [(coap.OPT_URI_PATH, path), *((coap.OPT_URI_QUERY, q.encode()) for q in query)]
         self._send(coap.serialize(coap.Message(coap.CON, code, self._mid, b"\x0b\x5e",
-                                               options)))
+                                               options, payload)))
         return await self.response(self._mid)
 
     async def register(self, ep: str, links: bytes = b"</3/0>", lifetime: int = 300
