@@ -639,13 +639,25 @@ async def test_registration_and_read_over_dtls(node: Simwire, api: Api) -> None:
 
 
 @pytest.mark.interop
-async def test_libcoap_registration(node: Simwire, api: Api) -> None:
-    exe = require_binary("coap-client-openssl")
+@pytest.mark.parametrize(("binary", "secure"), [
+    ("coap-client-openssl", False), ("coap-client-openssl", True),
+    ("coap-client-gnutls", True)])
+async def test_libcoap_registration(node: Simwire, api: Api, binary: str, secure: bool
+                                    ) -> None:
+    exe = require_binary(binary)
     base = f"coap://127.0.0.1:{node.ports.coap}"
+    credentials: tuple[str, ...] = ()
+    if secure:
+        status, body = await api.call("POST", f"/v1/integrate/devices/{ICCID}/psk", {
+            "secretKey": KEY.decode(), "protocol": "COAP"})
+        assert status == 200, body
+        base = f"coaps://127.0.0.1:{node.ports.coaps}"
+        credentials = ("-u", ICCID, "-k", KEY.decode())
 
     async def run(*args: str) -> str:
         proc = await asyncio.create_subprocess_exec(
-            exe, "-a", IP, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            exe, "-a", IP, *credentials, *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err
         return (out + err).decode()
@@ -653,7 +665,8 @@ async def test_libcoap_registration(node: Simwire, api: Api) -> None:
     await run("-m", "post", "-t", "40", "-e", "</3/0>,</4/0>", "-B", "5",
               f"{base}/rd?ep={ICCID}&lt=300&lwm2m=1.1&b=U")
     reg = await eventually(lambda: node.lwm2m.registration(ICCID))
-    assert (reg.ip, reg.lifetime_s, reg.links) == (IP, 300, "</3/0>,</4/0>")
+    assert (reg.ip, reg.lifetime_s, reg.links, reg.secure) == (IP, 300, "</3/0>,</4/0>",
+                                                                secure)
     assert "4.12" in await run("-m", "post", "-t", "40", "-e", "</3/0>", "-B", "5",
                                f"{base}/rd?ep={ICCID}&lwm2m=1.2")
     assert "4.03" in await run("-m", "post", "-t", "40", "-e", "</3/0>", "-B", "5",
