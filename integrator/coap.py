@@ -181,3 +181,30 @@ def serialize(msg: Message) -> bytes:
 def uint_option(value: int) -> bytes:
     """CoAP uint option value: minimal big-endian, 0 as the zero-length form."""
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A Block1/Block2 option value (RFC 7959 section 2.2): block number, more flag and
+    size exponent (size = 2 ** (szx + 4), 16..1024 bytes)."""
+
+    num: int
+    more: bool
+    szx: int
+
+    @property
+    def size(self) -> int:
+        return 1 << (self.szx + 4)
+
+    @classmethod
+    def parse(cls, value: bytes) -> Block:
+        """MalformedMessage for a value longer than 3 bytes or the reserved szx 7."""
+        if len(value) > 3:
+            raise MalformedMessage("block option longer than 3 bytes")
+        raw = int.from_bytes(value, "big")
+        if raw & 7 == 7:
+            raise MalformedMessage("block size exponent 7 is reserved")
+        return cls(raw >> 4, bool(raw & 8), raw & 7)
+
+    def encode(self) -> bytes:
+        return uint_option(self.num << 4 | (8 if self.more else 0) | self.szx)

@@ -148,7 +148,7 @@ class CoapRequests:
         exchange_lifetime_s: float = 247.0, non_timeout_s: float | None = None,
         separate_timeout_s: float | None = None, nstart: int = 1, max_per_peer: int = 16,
         max_total: int = 10_000, max_observations: int = 100_000, max_peers: int = 100_000,
-        rng: random.Random | None = None,
+        max_body: int = 64 * 1024, rng: random.Random | None = None,
     ) -> None:
         """`rng` draws the first retransmission timeouts, MID starts and tokens; give a
         seeded one only in tests (tokens then become predictable). Default: os.urandom."""
@@ -169,6 +169,7 @@ class CoapRequests:
         self._max_total = max_total
         self._max_observations = max_observations
         self._max_peers = max_peers
+        self._max_body = max_body
         self._rng = rng if rng is not None else random.SystemRandom()
         self._seeded = rng is not None
         self._closed = False
@@ -211,7 +212,67 @@ class CoapRequests:
         `observe`: register an observation (Observe=0 added unless `options` has an Observe
         option); later notifications go to the callback (it must not block or raise).
         `token`: reuse a token (explicit deregistration, RFC 7641 section 3.6); by default a
-        fresh random one. Raises CoapTimeout, CoapReset, CoapClosed, CoapOverloaded."""
+        fresh random one. A 2.xx response in blocks (Block2 with the more flag) is
+        completed first (`fetch_blocks`). Raises CoapTimeout, CoapReset, CoapClosed,
+        CoapOverloaded, CoapError (a broken block-wise transfer)."""
+        res = await self._exchange(addr, code, options, payload, confirmable, observe, token)
+        if res.code >> 5 == 2 and res.opt(coap.OPT_BLOCK2) is not None:
+            return await self.fetch_blocks(addr, code, options, payload, res,
+                                           confirmable=confirmable)
+        return res
+
+    async def fetch_blocks(
+        self, addr: Addr, code: int, options: Iterable[tuple[int, bytes]], payload: bytes,
+        first: coap.Message, *, confirmable: bool = True,
+    ) -> coap.Message:
+        """RFC 7959 section 2.4: `first` (a response or notification carrying Block2) with
+        the blocks after it, fetched by repeating the request (its options without Observe,
+        Block2 = the next block, the size the peer chose, a fresh token) until one comes
+        without the more flag. Returns `first` with the whole body and no Block2 option.
+        CoapError when a block is missing, out of place or not 2.xx, or the body would
+        exceed `max_body` bytes."""
+        raw = first.opt(coap.OPT_BLOCK2)
+        try:
+            block = coap.Block.parse(raw or b"")
+        except coap.MalformedMessage as exc:
+            raise CoapError(f"bad Block2 option: {exc}") from None
+        if block.num != 0:
+            raise CoapError(f"a block-wise response starting at block {block.num}")
+        body = bytearray(first.payload)
+        base = [(n, v) for n, v in options if n not in (coap.OPT_OBSERVE, coap.OPT_BLOCK2)]
+        while block.more:
+            offset = len(body)
+            if offset % block.size or offset == 0:
+                raise CoapError(f"block-wise response: a block of {offset} bytes is not "
+                                f"a multiple of its size {block.size}")
+            if offset >= self._max_body:
+                raise CoapError(f"block-wise response larger than {self._max_body} bytes")
+            want = coap.Block(offset // block.size, False, block.szx)
+            res = await self._exchange(addr, code, [*base, (coap.OPT_BLOCK2, want.encode())],
+                                       payload, confirmable, None, None)
+            if res.code >> 5 != 2:
+                raise CoapError(f"block {want.num} of the response answered "
+                                f"{coap.code_str(res.code)}")
+            try:
+                block = coap.Block.parse(res.opt(coap.OPT_BLOCK2) or b"\x07")
+            except coap.MalformedMessage:
+                raise CoapError(f"block {want.num} came without a valid Block2 option"
+                                ) from None
+            if block.num * block.size != offset:
+                raise CoapError(f"asked for the block at byte {offset}, got the one at "
+                                f"{block.num * block.size}")
+            body += res.payload
+        if len(body) > self._max_body:
+            raise CoapError(f"block-wise response larger than {self._max_body} bytes")
+        return coap.Message(first.mtype, first.code, first.mid, first.token,
+                            [(n, v) for n, v in first.options if n != coap.OPT_BLOCK2],
+                            bytes(body))
+
+    async def _exchange(
+        self, addr: Addr, code: int, options: Iterable[tuple[int, bytes]], payload: bytes,
+        confirmable: bool, observe: Observer | None, token: bytes | None,
+    ) -> coap.Message:
+        """One request/response exchange (`request` without the block-wise follow-up)."""
         if not 1 <= code <= 31:
             raise ValueError(f"not a request code: {coap.code_str(code)}")
         if self._closed:

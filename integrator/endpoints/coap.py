@@ -67,7 +67,10 @@ type of the reply (ACK/NON) and errors (5.00)."""
 KNOWN_OPTIONS = frozenset({
     coap.OPT_URI_HOST, coap.OPT_URI_PORT, coap.OPT_URI_PATH, coap.OPT_CONTENT_FORMAT,
     coap.OPT_URI_QUERY, coap.OPT_ACCEPT, coap.OPT_SIZE1, coap.OPT_NO_RESPONSE,
+    coap.OPT_BLOCK1, coap.OPT_BLOCK2, coap.OPT_SIZE2,
 })
+CONTINUE = coap.code(2, 31)
+REQUEST_ENTITY_INCOMPLETE = coap.code(4, 8)
 _ACK_CODES = {
     Ack.STORED: coap.CHANGED,
     Ack.UNAUTHORIZED: coap.UNAUTHORIZED,
@@ -84,6 +87,60 @@ class CoapConfig:
     dedup_max_entries: int = 500_000
     """Bound on remembered (peer, MID) exchanges; the oldest are forgotten first."""
     rcvbuf: int = 4 * 1024 * 1024
+    max_block_body: int = 64 * 1024
+    """Largest request body a route (LwM2M) accepts in Block1 blocks; beyond: 4.13."""
+    max_block_transfers: int = 10_000
+    """Block1 transfers in progress at once; beyond, the least recently started is
+    dropped (its next block gets 4.08)."""
+
+
+class BlockTransfers:
+    """Request bodies arriving in Block1 blocks (RFC 7959 section 2.5), for the routes.
+
+    Keyed by peer and request URI (path and query); blocks must come in order from 0 (a
+    block 0 restarts the transfer). A transfer is forgotten EXCHANGE_LIFETIME after its
+    last block, or when `max_transfers` are in progress and a newer one starts."""
+
+    def __init__(self, clock: Clock, lifetime_s: float, max_body: int,
+                 max_transfers: int) -> None:
+        self._clock = clock
+        self._lifetime = lifetime_s
+        self._max_body = max_body
+        self._max = max_transfers
+        self._open: dict[tuple[object, ...], tuple[float, int, bytearray]] = {}
+
+    def add(self, key: tuple[object, ...], block: coap.Block, payload: bytes,
+            size1: int | None) -> bytes | tuple[int, str]:
+        """The whole body once `block` is the last one, else (code, diagnostic): 2.31 for
+        a block taken, 4.08 for one out of order, 4.13 for a body too large, 4.00 for a
+        block that is not of its size."""
+        now = self._clock.monotonic()
+        for k in [k for k, (seen, _, _) in self._open.items() if now - seen > self._lifetime]:
+            del self._open[k]
+        if block.num == 0:
+            self._open.pop(key, None)
+            if size1 is not None and size1 > self._max_body:
+                return coap.REQUEST_ENTITY_TOO_LARGE, ""
+            body = bytearray()
+        else:
+            entry = self._open.pop(key, None)
+            if entry is None or entry[1] != block.num * block.size:
+                return REQUEST_ENTITY_INCOMPLETE, "block out of order or unknown transfer"
+            body = entry[2]
+        if block.more and len(payload) != block.size:
+            return coap.BAD_REQUEST, f"block {block.num} is not {block.size} bytes"
+        body += payload
+        if len(body) > self._max_body:
+            return coap.REQUEST_ENTITY_TOO_LARGE, ""
+        if not block.more:
+            return bytes(body)
+        if len(self._open) >= self._max:
+            del self._open[next(iter(self._open))]
+        self._open[key] = (now, len(body), body)
+        return CONTINUE, ""
+
+    def __len__(self) -> int:
+        return len(self._open)
 
 
 class Reply:
@@ -150,6 +207,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self.config = config
         self._protocol = protocol
         self._dedup = DedupCache(clock, EXCHANGE_LIFETIME_S, config.dedup_max_entries)
+        self._blocks = BlockTransfers(clock, EXCHANGE_LIFETIME_S, config.max_block_body,
+                                      config.max_block_transfers)
         self._transport: asyncio.DatagramTransport | None = None
         self._mid = int.from_bytes(os.urandom(2), "big")
         self.requests = CoapRequests(self._send, clock)
@@ -203,11 +262,14 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
     def _handle(self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int]) -> None:
         path: list[str] = []
         query: list[str] = []
+        block1: bytes | None = None
         for number, value in msg.options:
             if number == coap.OPT_URI_PATH:
                 path.append(value.decode("utf-8", "replace"))
             elif number == coap.OPT_URI_QUERY:
                 query.append(value.decode("utf-8", "replace"))
+            elif number == coap.OPT_BLOCK1:
+                block1 = value
             elif number & 1 and number not in KNOWN_OPTIONS:
                 self._count_bad()
                 self._finish(msg, addr, key, coap.BAD_OPTION, f"unsupported option {number}")
@@ -215,7 +277,15 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         route = tuple(path)
         handler = self.routes.get(route[0]) if route else None
         if handler is not None:
-            self._answer_route(msg, addr, key, handler)
+            if block1 is None:
+                self._answer_route(msg, addr, key, handler)
+            else:
+                self._route_block(msg, addr, key, handler, block1, (*route, "?", *query))
+            return
+        if block1 is not None:  # 1NCE's ingest takes single datagrams (<= 1024 B)
+            self._count_bad()
+            self._finish(msg, addr, key, coap.BAD_OPTION,
+                         "block-wise transfers are for LwM2M only")
             return
         if route not in INGEST_PATHS or not self._ingest:
             self._finish(msg, addr, key, coap.NOT_FOUND, "Not Found")
@@ -255,8 +325,36 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             answer,
         )
 
+    def _route_block(self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int],
+                     handler: RouteHandler, raw: bytes, uri: tuple[str, ...]) -> None:
+        """One Block1 block of a request to a route: 2.31 Continue until the last, then
+        the route gets the whole body (its reply echoes the last Block1)."""
+        try:
+            block = coap.Block.parse(raw)
+        except coap.MalformedMessage as exc:
+            self._count_bad()
+            self._finish(msg, addr, key, coap.BAD_REQUEST, str(exc))
+            return
+        size1 = msg.opt(coap.OPT_SIZE1)
+        got = self._blocks.add((addr, uri), block, msg.payload,
+                               None if size1 is None else int.from_bytes(size1, "big"))
+        if isinstance(got, tuple):
+            code, diagnostic = got
+            options = [(coap.OPT_BLOCK1, raw)]
+            if code == coap.REQUEST_ENTITY_TOO_LARGE:
+                options = [(coap.OPT_SIZE1, coap.uint_option(self.config.max_block_body))]
+            if code != CONTINUE:
+                self._count_bad()
+            self._finish(msg, addr, key, code, diagnostic, options)
+            return
+        whole = coap.Message(msg.mtype, msg.code, msg.mid, msg.token,
+                             [o for o in msg.options if o[0] not in (coap.OPT_BLOCK1,
+                                                                     coap.OPT_SIZE1)], got)
+        self._answer_route(whole, addr, key, handler, ((coap.OPT_BLOCK1, raw),))
+
     def _answer_route(self, msg: coap.Message, addr: tuple[str, int],
-                      key: tuple[str, int, int], handler: RouteHandler) -> None:
+                      key: tuple[str, int, int], handler: RouteHandler,
+                      echo: tuple[tuple[int, bytes], ...] = ()) -> None:
         pending = self._dedup.put(key)
         identity = self._identity(addr) if self._identity is not None else None
 
@@ -264,8 +362,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             reply: RouteReply | None = None
             try:
                 reply = await handler(msg, addr, identity)
-                data = self._response(msg, reply.code, reply.payload, list(reply.options),
-                                      sdk_safe=reply.sdk_safe)
+                data = self._response(msg, reply.code, reply.payload,
+                                      [*reply.options, *echo], sdk_safe=reply.sdk_safe)
             except Exception:
                 log.exception("CoAP route %s failed for %s", msg.options, addr[0])
                 data = self._response(msg, coap.INTERNAL_SERVER_ERROR, b"")
@@ -304,7 +402,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             while sdk_safe and not _sdk_safe_mid(self._mid):
                 self._mid = (self._mid + 1) & 0xFFFF
             mtype, mid = coap.NON, self._mid
-        return coap.serialize(coap.Message(mtype, code, mid, req.token, options or [], payload))
+        return coap.serialize(coap.Message(mtype, code, mid, req.token,
+                                           sorted(options or (), key=_number), payload))
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._transport is not None:
@@ -342,3 +441,7 @@ async def serve(host: str, port: int, protocol: CoapServerProtocol) -> DatagramS
         lambda: protocol, sock=bind_udp(host, port, protocol.config.rcvbuf))
     return DatagramServer(transport)
 
+
+
+def _number(option: tuple[int, bytes]) -> int:
+    return option[0]

@@ -68,9 +68,11 @@ register and update the server reads every object instance the client lists, one
 instance, except objects 1, 2 and 3 and objects without readable resources (Security);
 each result becomes an event. Reads stop at the first timeout (the client went to sleep).
 
-Not handled: block-wise transfers (RFC 7959) in either direction (registrations and
-responses must fit one datagram; 1NCE clients use 512-1024 B blocks only for firmware),
-DTLS keys of their own for LwM2M (behind DTLS the server accepts the CoAP PSK sessions).
+Block-wise transfers (RFC 7959): requests from clients (registrations, Send) may come in
+Block1 blocks (reassembled by the CoAP endpoint, up to `CoapConfig.max_block_body`);
+responses and notifications in Block2 blocks are completed by GETs for the rest
+(`CoapRequests.fetch_blocks`, up to 64 KiB). Requests the server sends (Write, Create,
+Execute arguments) go in one datagram: 1NCE's Device Controller limits them to 1024 B.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ DELETED = coap.code(2, 2)
 FORBIDDEN = coap.code(4, 3)
 PRECONDITION_FAILED = coap.code(4, 12)
 UNSUPPORTED_CONTENT_FORMAT = coap.code(4, 15)
+NOT_ACCEPTABLE = coap.code(4, 6)
 
 VERSIONS = ("1.0", "1.1")
 DEFAULT_LIFETIME_S = 86400
@@ -612,12 +615,8 @@ class Lwm2mServer:
                        observe: Callable[[coap.Message], None] | None = None,
                        token: bytes | None = None) -> tuple[_Client, coap.Message]:
         client, requests = self._client(iccid)
-        ids = parse_path(path)
-        opts = [(coap.OPT_URI_PATH, seg.encode()) for seg in client.root]
-        opts += [(coap.OPT_URI_PATH, str(i).encode()) for i in ids]
-        opts += list(options)
-        opts.sort(key=lambda o: o[0])
-        res = await requests.request((client.reg.ip, client.reg.port), code, opts, payload,
+        res = await requests.request((client.reg.ip, client.reg.port), code,
+                                     _options(client, path, options), payload,
                                      observe=observe, token=token)
         return client, res
 
@@ -638,6 +637,10 @@ class Lwm2mServer:
         fmt = content_format or self._format(iccid)
         client, res = await self._request(iccid, coap.GET, path,
                                           [(coap.OPT_ACCEPT, coap.uint_option(fmt))])
+        if content_format is None and self._fall_back(client, fmt, res):
+            fmt = ContentFormat.TLV
+            client, res = await self._request(iccid, coap.GET, path,
+                                              [(coap.OPT_ACCEPT, coap.uint_option(fmt))])
         out = self._decoded(res, path, fmt)
         if report and out.records:
             await self._report(client, list(out.records), res.payload,
@@ -705,12 +708,18 @@ class Lwm2mServer:
         fmt = content_format or client.fmt
         previous = [token for token, p in client.observations.items() if p == path]
 
-        def notified(msg: coap.Message) -> None:
-            self._notified(client, path, fmt, msg)
+        async def register(fmt: int) -> coap.Message:
+            def notified(msg: coap.Message) -> None:
+                self._notified(client, path, fmt, msg)
 
-        _, res = await self._request(iccid, coap.GET, path,
-                                     [(coap.OPT_ACCEPT, coap.uint_option(fmt))],
-                                     observe=notified)
+            return (await self._request(iccid, coap.GET, path,
+                                        [(coap.OPT_ACCEPT, coap.uint_option(fmt))],
+                                        observe=notified))[1]
+
+        res = await register(fmt)
+        if content_format is None and self._fall_back(client, fmt, res):
+            fmt = ContentFormat.TLV
+            res = await register(fmt)
         out = self._decoded(res, path, fmt)
         if res.code >> 5 == 2 and res.opt(coap.OPT_OBSERVE) is not None:
             if self._by_iccid.get(iccid) is not client:  # deregistered meanwhile
@@ -757,12 +766,24 @@ class Lwm2mServer:
     def _format(self, iccid: str) -> int:
         return self._client(iccid)[0].fmt
 
+    def _fall_back(self, client: _Client, fmt: int, res: coap.Message) -> bool:
+        """A client that answers 4.06 Not Acceptable to the format it advertised gets TLV
+        (which every LwM2M 1.0/1.1 client supports) from now on for this registration."""
+        if res.code != NOT_ACCEPTABLE or fmt == ContentFormat.TLV:
+            return False
+        log.info("%s refused content format %d: TLV from now on", client.reg.iccid, fmt)
+        client.fmt = ContentFormat.TLV
+        return True
+
     def _notified(self, client: _Client, path: str, fmt: int, msg: coap.Message) -> None:
         """A notification (CoapRequests callback: must not block)."""
         ended = msg.opt(coap.OPT_OBSERVE) is None or msg.code >> 5 != 2
         if ended and client.observations.pop(msg.token, None) is not None:
             self._spawn(self._store.delete_observation(msg.token))
         if msg.code >> 5 != 2 or not msg.payload:
+            return
+        if msg.opt(coap.OPT_BLOCK2) is not None:
+            self._spawn(self._notified_in_blocks(client, path, fmt, msg))
             return
         try:
             records = list(self._decoded(msg, path, fmt).records)
@@ -775,6 +796,21 @@ class Lwm2mServer:
             self._spawn(self._report(client, records, msg.payload,
                                      (client.reg.ip, client.reg.port), None,
                                      self._clock.now_ms()))
+
+    async def _notified_in_blocks(self, client: _Client, path: str, fmt: int,
+                                  first: coap.Message) -> None:
+        """RFC 7959 section 2.6: a notification in blocks; the rest comes by GET."""
+        try:
+            _, requests = self._client(client.reg.iccid)
+            whole = await requests.fetch_blocks(
+                (client.reg.ip, client.reg.port), coap.GET,
+                _options(client, path, [(coap.OPT_ACCEPT, coap.uint_option(fmt))]), b"", first)
+        except (CoapError, NotRegistered) as exc:
+            self._warn.warning(f"notify:{client.reg.iccid}",
+                               "the blocks of a notification of %s from %s: %s", path,
+                               client.reg.iccid, exc)
+            return
+        self._notified(client, path, fmt, whole)
 
     async def _forget(self, client: _Client, tokens: Iterable[bytes]) -> None:
         endpoint = self._endpoints.get(client.reg.secure)
@@ -1013,3 +1049,12 @@ def _root_and_format(links_text: str) -> tuple[tuple[str, ...], int]:
     fmt = next((f for f in FORMAT_PREFERENCE if f in advertised), ContentFormat.TLV)
     return tuple(seg for seg in root.split("/") if seg), int(fmt)
 
+
+def _options(client: _Client, path: str, extra: Iterable[tuple[int, bytes]] = ()
+             ) -> list[tuple[int, bytes]]:
+    """A request's options for `path` on `client` (its root path first), sorted."""
+    opts = [(coap.OPT_URI_PATH, seg.encode()) for seg in client.root]
+    opts += [(coap.OPT_URI_PATH, str(i).encode()) for i in parse_path(path)]
+    opts += list(extra)
+    opts.sort(key=lambda o: o[0])
+    return opts

@@ -17,6 +17,7 @@ import pytest
 from integrator import coap
 from integrator.coap_client import (
     CoapClosed,
+    CoapError,
     CoapOverloaded,
     CoapRequests,
     CoapReset,
@@ -442,6 +443,70 @@ async def test_bad_arguments(host: Host) -> None:
     assert host.requests.outstanding == 0
 
 
+# -- block-wise responses (RFC 7959) ------------------------------------------------------
+
+
+def block2(num: int, more: bool, szx: int = 0) -> list[tuple[int, bytes]]:
+    return [(coap.OPT_BLOCK2, coap.Block(num, more, szx).encode())]
+
+
+async def test_block2_response_is_fetched_to_the_end(host: Host, dev: UdpClient) -> None:
+    """The device answers in 16-byte blocks; the server asks for each next one with the
+    same options plus Block2 and gets one response with the whole body."""
+    body = b"0123456789abcdef" * 2 + b"tail"
+    task = asyncio.create_task(host.requests.request(addr_of(dev), coap.GET, URI_3_0_0))
+    _, req = await sent_get(dev)
+    dev.send(msg(coap.ACK, coap.CONTENT, req.mid, req.token, block2(0, True), body[:16]))
+    for num, more in ((1, True), (2, False)):
+        data = await dev.recv()
+        got = coap.parse(data)
+        assert got.code == coap.GET and got.token != req.token
+        assert got.options == [*URI_3_0_0, *block2(num, False)]
+        dev.send(msg(coap.ACK, coap.CONTENT, got.mid, got.token, block2(num, more),
+                     body[num * 16:(num + 1) * 16]))
+    res = await asyncio.wait_for(task, 2)
+    assert (res.code, res.payload, res.options) == (coap.CONTENT, body, [])
+
+
+@pytest.mark.parametrize(("second", "error"), [
+    (lambda m: msg(coap.ACK, coap.NOT_FOUND, m.mid, m.token), "block 1 of the response "
+                                                               "answered 4.04"),
+    (lambda m: msg(coap.ACK, coap.CONTENT, m.mid, m.token, block2(2, False), b"x"),
+     "asked for the block at byte 16, got the one at 32"),
+    (lambda m: msg(coap.ACK, coap.CONTENT, m.mid, m.token, [], b"x"),
+     "block 1 came without a valid Block2 option"),
+])
+async def test_broken_block2_transfers_fail(host: Host, dev: UdpClient,
+                                            second: Callable[[coap.Message], bytes],
+                                            error: str) -> None:
+    task = asyncio.create_task(host.requests.request(addr_of(dev), coap.GET, URI_3_0_0))
+    _, req = await sent_get(dev)
+    dev.send(msg(coap.ACK, coap.CONTENT, req.mid, req.token, block2(0, True), b"x" * 16))
+    dev.send(second(coap.parse(await dev.recv())))
+    with pytest.raises(CoapError, match=error):
+        await asyncio.wait_for(task, 2)
+    assert host.requests.outstanding == 0
+
+
+async def test_block2_limits(make_host: Callable[..., Any], opened: list[Any]) -> None:
+    host: Host = await make_host(max_body=32)
+    dev = await UdpClient.open(host.addr)
+    opened.append(dev)
+    for first, error in ((block2(0, True), None), (block2(1, True), "starting at block 1"),
+                         (block2(0, True), "a block of 15 bytes")):
+        task = asyncio.create_task(host.requests.request(addr_of(dev), coap.GET, URI_3_0_0))
+        _, req = await sent_get(dev)
+        payload = b"x" * (15 if error and "15" in error else 16)
+        dev.send(msg(coap.ACK, coap.CONTENT, req.mid, req.token, first, payload))
+        if error is None:  # 16 + 16 bytes, more to come: beyond max_body
+            nxt = coap.parse(await dev.recv())
+            dev.send(msg(coap.ACK, coap.CONTENT, nxt.mid, nxt.token, block2(1, True),
+                         b"y" * 16))
+            error = "larger than 32 bytes"
+        with pytest.raises(CoapError, match=error):
+            await asyncio.wait_for(task, 2)
+
+
 # -- observe (RFC 7641) --------------------------------------------------------------------
 
 
@@ -641,7 +706,7 @@ async def test_libcoap_server_as_device(opened: list[Any]) -> None:
     exe = require_binary("coap-server-openssl")
     port = free_port(2)
     proc = await asyncio.create_subprocess_exec(
-        exe, "-A", "127.0.0.1", "-p", str(port),
+        exe, "-A", "127.0.0.1", "-p", str(port), "-d", "2",  # -d: resources made by PUT
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         loop = asyncio.get_running_loop()
@@ -664,6 +729,13 @@ async def test_libcoap_server_as_device(opened: list[Any]) -> None:
 
         res = await r.request(device, coap.GET, confirmable=False)
         assert res.mtype == coap.NON and res.code == coap.CONTENT
+
+        # block-wise (RFC 7959): a 1000-byte resource read in 64-byte blocks
+        body = bytes(range(250)) * 4
+        big = [(coap.OPT_URI_PATH, b"big")]
+        assert (await r.request(device, coap.PUT, big, body)).code == coap.code(2, 1)
+        res = await r.request(device, coap.GET, [*big, (coap.OPT_BLOCK2, b"\x02")])
+        assert (res.code, res.payload, res.opt(coap.OPT_BLOCK2)) == (coap.CONTENT, body, None)
 
         ticks: list[coap.Message] = []
         first = await r.request(device, coap.GET, [(coap.OPT_URI_PATH, b"time")],

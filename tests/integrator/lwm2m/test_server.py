@@ -45,6 +45,7 @@ UNKNOWN_IP = "127.0.0.49"
 KEY = b"lwm2m-dtls-key01"
 REGISTRY = Registry.default()
 FORBIDDEN, PRECONDITION_FAILED = coap.code(4, 3), coap.code(4, 12)
+CONTINUE = coap.code(2, 31)
 DELETED, UNSUPPORTED = coap.code(2, 2), coap.code(4, 15)
 TLV, SENML_JSON, SENML_CBOR = (ContentFormat.TLV, ContentFormat.SENML_JSON,
                                ContentFormat.SENML_CBOR)
@@ -86,12 +87,15 @@ class Raw:
 
     async def call(self, code: int, path: str, query: tuple[str, ...] = (),
                    payload: bytes = b"", cf: int | None = None, token: bytes = b"\x01\x02",
-                   mtype: int = coap.CON) -> coap.Message:
+                   mtype: int = coap.CON, extra: tuple[tuple[int, bytes], ...] = ()
+                   ) -> coap.Message:
+        """`extra`: options after Content-Format (numbers above 12)."""
         self.mid = (self.mid + 1) & 0xFFFF
         opts = [(coap.OPT_URI_PATH, seg.encode()) for seg in path.strip("/").split("/")]
-        opts += [(coap.OPT_URI_QUERY, q.encode()) for q in query]
         if cf is not None:
             opts.append((coap.OPT_CONTENT_FORMAT, coap.uint_option(cf)))
+        opts += [(coap.OPT_URI_QUERY, q.encode()) for q in query]
+        opts += extra
         return coap.parse(await self.udp.request(coap.serialize(
             coap.Message(mtype, code, self.mid, token, opts, payload))))
 
@@ -385,6 +389,107 @@ async def test_send_edge_cases(node: Simwire, api: Api) -> None:
         unknown.close()
 
 
+async def test_send_in_block1_blocks(node: Simwire, api: Api) -> None:
+    """RFC 7959: a Send too large for one datagram arrives in 64-byte blocks; each but the
+    last gets 2.31 Continue echoing its Block1, the last the route's 2.04 (echoed too)."""
+    raw = await Raw.open(node, IP)
+    try:
+        assert (await raw.register(ICCID)).code == coap.CREATED
+        pack = json.dumps([{"n": "/3/0/0", "vs": "M" * 150}, {"n": "/3/0/9", "v": 55}],
+                          separators=(",", ":")).encode()
+        chunks = [pack[i:i + 64] for i in range(0, len(pack), 64)]
+        assert len(chunks) == 4
+        for num, chunk in enumerate(chunks):
+            block = coap.Block(num, num < 3, 2).encode()
+            res = await raw.call(coap.POST, "dp", (), chunk, SENML_JSON,
+                                 extra=((coap.OPT_BLOCK1, block),))
+            assert (res.code, res.options) == (
+                CONTINUE if num < 3 else coap.CHANGED, [(coap.OPT_BLOCK1, block)])
+        assert await values(api, 1) == [{"/3/0/0": "M" * 150, "/3/0/9": 55}]
+
+        def block(num: int, more: bool = True) -> tuple[tuple[int, bytes], ...]:
+            return ((coap.OPT_BLOCK1, coap.Block(num, more, 2).encode()),)
+
+        # a block out of order, a short middle block, a body announced too large
+        res = await raw.call(coap.POST, "dp", (), chunks[2], SENML_JSON, extra=block(2))
+        assert res.code == coap.code(4, 8)
+        res = await raw.call(coap.POST, "dp", (), b"short", SENML_JSON, extra=block(0))
+        assert res.code == coap.BAD_REQUEST
+        res = await raw.call(coap.POST, "dp", (), chunks[0], SENML_JSON,
+                             extra=(*block(0), (coap.OPT_SIZE1, coap.uint_option(70_000))))
+        assert (res.code, res.opt(coap.OPT_SIZE1)) == (coap.code(4, 13),
+                                                         coap.uint_option(65536))
+        # the ingest path takes single datagrams only
+        res = await raw.call(coap.POST, "data", (), b"x" * 64, extra=block(0))
+        assert res.code == coap.BAD_OPTION
+        assert await values(api, 1) is not None and len(await history(api)) == 1
+    finally:
+        raw.close()
+
+
+async def test_a_notification_in_block2_blocks_is_completed(node: Simwire, api: Api) -> None:
+    """RFC 7959 section 2.6: a notification carrying block 0 of 3; the server GETs blocks
+    1 and 2 (same path and Accept, Block2, no Observe) and stores the whole value."""
+    raw = await Raw.open(node, IP)
+    try:
+        assert (await raw.register(ICCID, links=b"</3/0>")).code == coap.CREATED
+        observe = asyncio.create_task(node.lwm2m.observe(ICCID, "/3/0/0"))
+        req = coap.parse(await raw.udp.recv())
+        raw.udp.send(coap.serialize(coap.Message(
+            coap.ACK, coap.CONTENT, req.mid, req.token,
+            [(coap.OPT_OBSERVE, b"\x01"), (coap.OPT_CONTENT_FORMAT, b"")], b"short")))
+        assert (await observe).value == {"/3/0/0": "short"}
+        pack = json.dumps([{"n": "/3/0/0", "vs": "B" * 120}], separators=(",", ":")).encode()
+        raw.udp.send(coap.serialize(coap.Message(
+            coap.NON, coap.CONTENT, 0x7001, req.token,
+            [(coap.OPT_OBSERVE, b"\x02"), (coap.OPT_CONTENT_FORMAT, b"\x6e"),
+             (coap.OPT_BLOCK2, coap.Block(0, True, 2).encode())], pack[:64])))
+        for num in (1, 2):
+            get = coap.parse(await raw.udp.recv())
+            assert get.code == coap.GET and get.opt(coap.OPT_OBSERVE) is None
+            assert get.opt_all(coap.OPT_URI_PATH) == [b"3", b"0", b"0"]
+            assert get.opt(coap.OPT_BLOCK2) == coap.Block(num, False, 2).encode()
+            raw.udp.send(coap.serialize(coap.Message(
+                coap.ACK, coap.CONTENT, get.mid, get.token,
+                [(coap.OPT_CONTENT_FORMAT, b"\x6e"),
+                 (coap.OPT_BLOCK2, coap.Block(num, num < 2, 2).encode())],
+                pack[num * 64:(num + 1) * 64])))
+        got = await eventually(lambda: values(api, 2))
+        assert {"/3/0/0": "B" * 120} in got
+    finally:
+        raw.close()
+
+
+async def test_a_refused_format_falls_back_to_tlv(node: Simwire, api: Api) -> None:
+    """A client advertising SenML JSON that answers 4.06 to it is read in TLV from then on
+    (the read retried at once, later reads and observations in TLV)."""
+    raw = await Raw.open(node, IP)
+
+    async def answer_tlv(req: coap.Message, value: int) -> None:
+        assert req.opt(coap.OPT_ACCEPT) == coap.uint_option(TLV)
+        raw.udp.send(coap.serialize(coap.Message(
+            coap.ACK, coap.CONTENT, req.mid, req.token,
+            [(coap.OPT_CONTENT_FORMAT, coap.uint_option(TLV))],
+            encode(TLV, [Record("/3/0/9", value)], "/3/0/9", REGISTRY))))
+
+    try:
+        res = await raw.register(ICCID, links=b"</>;rt=\"oma.lwm2m\";ct=110,</3/0>")
+        assert res.code == coap.CREATED
+        read = asyncio.create_task(node.lwm2m.read(ICCID, "/3/0/9"))
+        req = coap.parse(await raw.udp.recv())
+        assert req.opt(coap.OPT_ACCEPT) == coap.uint_option(SENML_JSON)
+        raw.udp.send(coap.serialize(coap.Message(coap.ACK, coap.code(4, 6), req.mid,
+                                                 req.token)))
+        await answer_tlv(coap.parse(await raw.udp.recv()), 70)
+        assert (await read).value == {"/3/0/9": 70}
+        assert node.lwm2m.content_format(ICCID) == TLV
+        read = asyncio.create_task(node.lwm2m.read(ICCID, "/3/0/9"))
+        await answer_tlv(coap.parse(await raw.udp.recv()), 71)
+        assert (await read).value == {"/3/0/9": 71}
+    finally:
+        raw.close()
+
+
 async def test_positions_go_to_the_locator(node: Simwire, api: Api,
                                            device: Lwm2mClient) -> None:
     seen: list[tuple[str, float, float, int]] = []
@@ -674,6 +779,11 @@ async def test_libcoap_registration(node: Simwire, api: Api, binary: str, secure
     await run("-m", "post", "-t", "110", "-e", '[{"n":"/3/0/9","v":5}]', "-B", "5",
               f"{base}/dp")
     assert await values(api, 1) == [{"/3/0/9": 5}]
+    # a Send in 64-byte Block1 blocks (-b 64)
+    big = json.dumps([{"n": "/3/0/0", "vs": "S" * 300}, {"n": "/3/0/9", "v": 6}])
+    await run("-m", "post", "-t", "110", "-e", big, "-b", "64", "-B", "5", f"{base}/dp")
+    got = await eventually(lambda: values(api, 2))
+    assert {"/3/0/0": "S" * 300, "/3/0/9": 6} in got
 
 
 def test_write_records_shapes() -> None:
