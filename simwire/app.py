@@ -244,8 +244,8 @@ class Simwire:
             async def lwm2m_port(port: int | None, secure: bool, role: KeyRole) -> CoapPort:
                 """The endpoint for a LwM2M port setting: the shared one (unset, or the
                 CoAP(s) port), one opened before for the same port, or a new one."""
-                if port is None or port and port == (cfg.coaps_port if secure
-                                                     else cfg.coap_port):
+                base = cfg.coaps_port if secure else cfg.coap_port
+                if port is None or (port != 0 and port == base):
                     return shared[secure]
                 if port and (port, secure) in own:
                     return own[(port, secure)]
