@@ -80,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import heapq
+import itertools
 import json
 import logging
 import re
@@ -208,6 +209,8 @@ class _Params:
     binding: str | None
     queue: bool
     links: str | None
+    parsed: list[Link] | None
+    """`links` parsed (validated once, used for the root path and format)."""
 
 
 class Lwm2mServer:
@@ -234,6 +237,8 @@ class Lwm2mServer:
         self._admin_logs = admin_logs
         self._sweep_interval = sweep_interval_s
         self._clients: dict[str, _Client] = {}  # registration id -> client
+        self._id_prefix = secrets.token_hex(4)
+        self._id_counter = itertools.count(1)
         self._by_iccid: dict[str, _Client] = {}
         self._expiry: list[tuple[int, str]] = []  # (due ms, registration id), a heap
         self._endpoints: dict[bool, CoapServerProtocol] = {}  # secure -> endpoint
@@ -341,7 +346,7 @@ class Lwm2mServer:
         assert sim is not None
         now = self._clock.now_ms()
         reg = Lwm2mRegistration(
-            id=secrets.token_hex(5), iccid=sim.iccid, org=sim.org, ip=addr[0], port=addr[1],
+            id=self._new_id(), iccid=sim.iccid, org=sim.org, ip=addr[0], port=addr[1],
             secure=secure, lifetime_s=params.lifetime or DEFAULT_LIFETIME_S, version=version,
             binding=params.binding or "U", queue_mode=params.queue, links=params.links or "",
             registered_ms=now, updated_ms=now)
@@ -350,7 +355,7 @@ class Lwm2mServer:
         state = old.state if old is not None else None
         if old is not None:
             self._drop(old)
-        client = self._install(reg)
+        client = self._install(reg, params.parsed)
         client.state = state
         log.info("LwM2M client %s registered from %s:%d (id %s, lifetime %d s, binding %s%s)",
                  reg.iccid, reg.ip, reg.port, reg.id, reg.lifetime_s, reg.binding,
@@ -397,8 +402,8 @@ class Lwm2mServer:
             stale.update(client.observations)
             client.observations.clear()
         client.reg = reg
-        if params.links is not None:
-            client.root, client.fmt = _root_and_format(reg.links)
+        if params.parsed is not None:
+            client.root, client.fmt = _root_and_format(params.parsed)
         self._schedule(client)
         return RouteReply(coap.CHANGED, after=lambda: self._activated(client, stale))
 
@@ -435,8 +440,14 @@ class Lwm2mServer:
             iccid=sim.iccid if sim else None, imsi=sim.imsi if sim else None, ip=ip,
             rate_key=f"lwm2m:{ip}")
 
-    def _install(self, reg: Lwm2mRegistration) -> _Client:
-        root, fmt = _root_and_format(reg.links)
+    def _new_id(self) -> str:
+        """A registration id: this process's random prefix and a counter (unique across
+        processes and restarts; not a secret: every request on it is checked against the
+        SIM at the source address)."""
+        return f"{self._id_prefix}{next(self._id_counter):x}"
+
+    def _install(self, reg: Lwm2mRegistration, links: list[Link] | None = None) -> _Client:
+        root, fmt = _root_and_format(_links(reg.links) if links is None else links)
         client = _Client(reg, root, fmt)
         self._clients[reg.id] = client
         self._by_iccid[reg.iccid] = client
@@ -867,7 +878,7 @@ class Lwm2mServer:
 
     def passive_paths(self, reg: Lwm2mRegistration) -> list[str]:
         """The object instances passive reporting reads, in the order the client lists."""
-        root = "/" + "/".join(_root_and_format(reg.links)[0])
+        root = "/" + "/".join(_root_and_format(_links(reg.links))[0])
         out: list[str] = []
         for link in _links(reg.links):
             ids = link.ids(root)
@@ -1002,13 +1013,14 @@ def _params(query: Mapping[str, str], payload: bytes, *, register: bool) -> _Par
         raise ValueError(f"invalid binding b={binding[:16]}")
     queue = "Q" in query or (binding is not None and "Q" in binding)
     links: str | None = None
+    parsed: list[Link] | None = None
     if payload or register:
         try:
             links = payload.decode("utf-8")
-            parse_links(links)
+            parsed = parse_links(links)
         except (UnicodeDecodeError, FormatError) as exc:
             raise ValueError(f"invalid object links: {exc}") from None
-    return _Params(lifetime, binding, queue, links)
+    return _Params(lifetime, binding, queue, links, parsed)
 
 
 def _refusal(sim: Sim | None, iccid: str, identity: str | None) -> str | None:
@@ -1031,10 +1043,9 @@ def _links(text: str) -> list[Link]:
         return []
 
 
-def _root_and_format(links_text: str) -> tuple[tuple[str, ...], int]:
+def _root_and_format(links: list[Link]) -> tuple[tuple[str, ...], int]:
     """The alternate root path (`rt="oma.lwm2m"`) and the format to use: the client's
     advertised `ct` on its root link (by FORMAT_PREFERENCE), else TLV."""
-    links = _links(links_text)
     root = "/"
     for link in links:
         if link.attributes.get("rt") == "oma.lwm2m":
