@@ -310,6 +310,25 @@ class OtherCpu:
         return round(ticks / _CLK_TCK / wall, 2)
 
 
+class Phases:
+    """CPU used by other processes before the run (1 s) and during each phase, for the
+    report's "CPU used by other processes" line; warns when the machine is not quiet."""
+
+    def __init__(self) -> None:
+        self.other: dict[str, float | None] = {}
+        meter = OtherCpu()
+        time.sleep(1.0)
+        self.other["before"] = before = meter.cores()
+        if before is not None and before >= 0.2:
+            note(f"other processes use {before} cores: the figures will be skewed")
+
+    def run(self, name: str, fn: Callable[[], T]) -> T:
+        meter = OtherCpu()
+        out = fn()
+        self.other[name] = meter.cores()
+        return out
+
+
 # --- lossless-rate search -------------------------------------------------------------------
 
 
@@ -661,26 +680,14 @@ def main(argv: list[str] | None = None) -> int:
         max_probes=max(1, a.max_probes or (4 if a.quick else 6)), rcvbuf=a.rcvbuf,
         drain_grace=a.drain_grace,
     )
-    other: dict[str, float | None] = {}
-    meter = OtherCpu()
-    time.sleep(1.0)
-    other["before"] = meter.cores()
-    if other["before"] is not None and other["before"] >= 0.2:
-        note(f"other processes use {other['before']} cores: the figures will be skewed")
+    phases = Phases()
     t0 = time.monotonic()
-
-    def measured(name: str, fn: Callable[[Config], T]) -> T:
-        m = OtherCpu()
-        out = fn(cfg)
-        other[name] = m.cores()
-        return out
-
     try:
-        raw = measured("(1)", phase_raw_udp)
-        sw = measured("(2)", phase_simwire_udp)
-        aio = measured("(3)", phase_aiocoap)
-        swc = measured("(4)", phase_simwire_coap)
-        report(cfg, raw, sw, aio, swc, time.monotonic() - t0, other)
+        raw = phases.run("(1)", lambda: phase_raw_udp(cfg))
+        sw = phases.run("(2)", lambda: phase_simwire_udp(cfg))
+        aio = phases.run("(3)", lambda: phase_aiocoap(cfg))
+        swc = phases.run("(4)", lambda: phase_simwire_coap(cfg))
+        report(cfg, raw, sw, aio, swc, time.monotonic() - t0, phases.other)
     except (RuntimeError, OSError) as exc:
         note(f"benchmark failed: {exc}")
         return 1

@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ from bench.ingest import (
     ADMIN_ID,
     ADMIN_SECRET,
     HOST,
-    OtherCpu,
+    Phases,
     Server,
     free_port,
     git_commit,
@@ -742,26 +742,14 @@ def main(argv: list[str] | None = None) -> int:
                concurrency=raise_fd_limit(a.concurrency), links=a.links, timeout_s=a.timeout,
                max_retransmit=a.retransmits, verify=a.verify, warmup=a.warmup,
                rcvbuf=a.rcvbuf, settle_s=2.0)
-    other: dict[str, float | None] = {}
-    meter = OtherCpu()
-    time.sleep(1.0)
-    other["before"] = meter.cores()
-    if other["before"] is not None and other["before"] >= 0.2:
-        note(f"other processes use {other['before']} cores: the figures will be skewed")
+    phases = Phases()
     t0 = time.monotonic()
-
-    def measured(name: str, fn: Callable[[], Any]) -> Any:
-        m = OtherCpu()
-        out = fn()
-        other[name] = m.cores()
-        return out
-
     try:
         data_dir = work_dir / "data"
-        import_s = measured("(0)", lambda: import_sims(p, data_dir))
-        base = measured("(1)", lambda: phase_baseline(p))
-        sw = measured("(2)", lambda: phase_simwire(p, data_dir))
-        report(p, import_s, base, sw, other, time.monotonic() - t0)
+        import_s = phases.run("(0)", lambda: import_sims(p, data_dir))
+        base = phases.run("(1)", lambda: phase_baseline(p))
+        sw = phases.run("(2)", lambda: phase_simwire(p, data_dir))
+        report(p, import_s, base, sw, phases.other, time.monotonic() - t0)
     except (RuntimeError, OSError, subprocess.SubprocessError, sqlite3.Error) as exc:
         note(f"benchmark failed: {exc}")
         return 1
