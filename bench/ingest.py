@@ -516,10 +516,36 @@ def warm_up_udp(ports: dict[str, int]) -> None:
 
 
 def coap_run(cfg: Config, port: int, path: str, duration: float,
-             concurrency: int | None = None) -> dict[str, Any]:
+             concurrency: int | None = None, expect: str = "2.04") -> dict[str, Any]:
     return load_gen(cfg, ["--port", str(port), "--path", path, "--concurrency",
-                          str(concurrency or cfg.concurrency), "--duration", str(duration)],
-                    duration)
+                          str(concurrency or cfg.concurrency), "--duration", str(duration),
+                          "--expect", expect], duration)
+
+
+LIBCOAP_NOTLS = "coap-server-notls"
+
+
+def phase_libcoap(cfg: Config) -> dict[str, Any] | None:
+    """(5) libcoap's example server as the no-op baseline: CON POST / answered 4.05 (its
+    root resource has no POST handler: parse, look up, answer, nothing else)."""
+    exe = shutil.which(LIBCOAP_NOTLS)
+    if exe is None:
+        note(f"(5) {LIBCOAP_NOTLS} not found (apt-get install libcoap3-bin): skipped")
+        return None
+    note(f"(5) libcoap no-op baseline: concurrency {cfg.concurrency}, {cfg.duration:g} s")
+    port = free_port(socket.SOCK_DGRAM)
+    argv = [exe, "-A", HOST, "-p", str(port), "-v", "0"]
+    with running(lambda: Server("libcoap", argv, "\0", cfg.work_dir / "libcoap.log")):
+        for _ in range(20):  # it prints no ready line: warm up until it answers
+            warm = coap_run(cfg, port, "", 1.0, concurrency=1, expect="4.05")
+            if warm.get("ok"):
+                break
+        else:
+            raise RuntimeError(f"{LIBCOAP_NOTLS} never answered: {warm}")
+        r = coap_run(cfg, port, "", cfg.duration, expect="4.05")
+    note(f"libcoap: {r['ok_per_s']:,.0f} req/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
+         f"codes {r['codes']} timeouts {r['timeouts']}")
+    return r
 
 
 def phase_aiocoap(cfg: Config) -> dict[str, Any]:
@@ -581,12 +607,13 @@ def _goal(ok: bool) -> str:
 
 
 def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
-           swc: dict[str, Any], wall_s: float, other_cpu: dict[str, float | None]
-           ) -> dict[str, Any]:
+           swc: dict[str, Any], lib: dict[str, Any] | None, wall_s: float,
+           other_cpu: dict[str, float | None]) -> dict[str, Any]:
     raw_rate = raw.best.delivered_per_s if raw.best else None
     sw_rate = sw.best.delivered_per_s if sw.best else None
     udp_ratio = sw_rate / raw_rate if sw_rate is not None and raw_rate else None
     coap_ratio = swc["ok_per_s"] / aio["ok_per_s"] if aio["ok_per_s"] else None
+    lib_ratio = swc["ok_per_s"] / lib["ok_per_s"] if lib and lib["ok_per_s"] else None
 
     def search_note(s: Search) -> str:
         if s.best is None:
@@ -612,6 +639,12 @@ def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
          f"p50 {swc['p50_ms']} ms, p99 {swc['p99_ms']} ms, timeouts {swc['timeouts']}"),
         ("", "  ratio (4)/(3)", "n/a" if coap_ratio is None else f"{coap_ratio:.2f}x",
          f"goal >= 5x: {_goal(coap_ratio is not None and coap_ratio >= 5)}"),
+        ("5", f"libcoap {LIBCOAP_NOTLS} CON POST / (c={cfg.concurrency}, no-op 4.05)",
+         "n/a" if lib is None else f"{_rate(lib['ok_per_s'])} req/s",
+         "not installed" if lib is None else
+         f"p50 {lib['p50_ms']} ms, p99 {lib['p99_ms']} ms, timeouts {lib['timeouts']}"),
+        ("", "  ratio (4)/(5)", "n/a" if lib_ratio is None else f"{lib_ratio:.2f}x",
+         f"goal >= 1.0x: {_goal(lib_ratio is not None and lib_ratio >= 1.0)}"),
     ]
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     print(f"Simwire ingest benchmark: payload {cfg.payload_size} B, UDP probes {cfg.probe_s:g} s "
@@ -632,6 +665,9 @@ def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
         "simwire_coap_req_per_s": swc["ok_per_s"],
         "coap_ratio": None if coap_ratio is None else round(coap_ratio, 3),
         "coap_goal_met": coap_ratio is not None and coap_ratio >= 5,
+        "libcoap_req_per_s": None if lib is None else lib["ok_per_s"],
+        "libcoap_ratio": None if lib_ratio is None else round(lib_ratio, 3),
+        "libcoap_goal_met": lib_ratio is not None and lib_ratio >= 1.0,
         "simwire_coap_p50_ms": swc["p50_ms"], "simwire_coap_p99_ms": swc["p99_ms"],
         "aiocoap_p50_ms": aio["p50_ms"], "aiocoap_p99_ms": aio["p99_ms"],
         "params": {"duration_s": cfg.duration, "probe_s": cfg.probe_s,
@@ -642,7 +678,7 @@ def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
         "other_cpu_cores": other_cpu,
         "raw_udp_probes": [p.row() for p in raw.probes],
         "simwire_udp_probes": [p.row() for p in sw.probes],
-        "aiocoap_run": aio, "simwire_coap_run": swc, "wall_s": round(wall_s, 1),
+        "aiocoap_run": aio, "simwire_coap_run": swc, "libcoap_run": lib, "wall_s": round(wall_s, 1),
     }
     print(json.dumps(result, separators=(",", ":")))
     return result
@@ -687,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         sw = phases.run("(2)", lambda: phase_simwire_udp(cfg))
         aio = phases.run("(3)", lambda: phase_aiocoap(cfg))
         swc = phases.run("(4)", lambda: phase_simwire_coap(cfg))
-        report(cfg, raw, sw, aio, swc, time.monotonic() - t0, phases.other)
+        lib = phases.run("(5)", lambda: phase_libcoap(cfg))
+        report(cfg, raw, sw, aio, swc, lib, time.monotonic() - t0, phases.other)
     except (RuntimeError, OSError) as exc:
         note(f"benchmark failed: {exc}")
         return 1
