@@ -306,8 +306,8 @@ class Simwire:
         self._stack.callback(secure.close)
         forget = secure.endpoint.forget
 
-        def changed(ip: str, protocol: Protocol) -> None:
-            if protocol in role.protocols:
+        def changed(ip: str, key: Protocol) -> None:  # the key of `key` changed for ip
+            if key in role.protocols:
                 forget(ip)
 
         self.psks.on_change.append(changed)

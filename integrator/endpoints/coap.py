@@ -99,7 +99,8 @@ class BlockTransfers:
 
     Keyed by peer and request URI (path and query); blocks must come in order from 0 (a
     block 0 restarts the transfer). A transfer is forgotten EXCHANGE_LIFETIME after its
-    last block, or when `max_transfers` are in progress and a newer one starts."""
+    last block, or when `max_transfers` are in progress and a newer one starts. Entries
+    are re-inserted on every block, so the dict's order is the order of last activity."""
 
     def __init__(self, clock: Clock, lifetime_s: float, max_body: int,
                  max_transfers: int) -> None:
@@ -115,7 +116,12 @@ class BlockTransfers:
         a block taken, 4.08 for one out of order, 4.13 for a body too large, 4.00 for a
         block that is not of its size."""
         now = self._clock.monotonic()
-        for k in [k for k, (seen, _, _) in self._open.items() if now - seen > self._lifetime]:
+        stale = []
+        for k, (seen, _, _) in self._open.items():  # oldest activity first
+            if now - seen <= self._lifetime:
+                break
+            stale.append(k)
+        for k in stale:
             del self._open[k]
         if block.num == 0:
             self._open.pop(key, None)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from integrator import coap
+from integrator.endpoints.coap import CONTINUE, REQUEST_ENTITY_INCOMPLETE, BlockTransfers
 from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.model import Sim
@@ -237,3 +238,24 @@ async def test_metrics_count_outcomes_and_latency(node: Simwire, dev: UdpClient)
     assert 'simwire_uplinks_total{outcome="malformed",protocol="COAP"} 1.0' in text
     assert 'simwire_ingest_seconds_bucket{le="+Inf",protocol="COAP"} 1.0' in text
     assert 'simwire_ingest_seconds_count{protocol="COAP"} 1.0' in text
+
+
+def test_block1_transfers_expire_and_are_bounded() -> None:
+    """BlockTransfers on the manual clock: a transfer idle for EXCHANGE_LIFETIME is gone
+    (its next block gets 4.08); beyond `max_transfers` the least recently active goes."""
+    clock = ManualClock()
+    blocks = BlockTransfers(clock, 247.0, max_body=1024, max_transfers=2)
+    first, second = coap.Block(0, True, 0), coap.Block(1, False, 0)
+    assert blocks.add(("a",), first, b"x" * 16, None) == (CONTINUE, "")
+    clock.advance(247.5)
+    assert blocks.add(("a",), second, b"y", None)[0] == REQUEST_ENTITY_INCOMPLETE
+    for key in ("a", "b", "c"):  # "a" is evicted when "c" starts
+        clock.advance(1)
+        assert blocks.add((key,), first, b"x" * 16, None) == (CONTINUE, "")
+    assert len(blocks) == 2
+    assert blocks.add(("a",), second, b"y", None)[0] == REQUEST_ENTITY_INCOMPLETE
+    assert blocks.add(("b",), second, b"y", None) == b"x" * 16 + b"y"
+    assert blocks.add(("c",), coap.Block(1, True, 0), b"z" * 16, None) == (CONTINUE, "")
+    assert blocks.add(("c",), coap.Block(2, False, 0), b"!", None) == (
+        b"x" * 16 + b"z" * 16 + b"!")
+    assert len(blocks) == 0
