@@ -10,6 +10,7 @@ import pytest
 
 from simwire.app import Simwire
 from simwire.clock import ManualClock
+from tests.support.devices import Device
 from tests.support.mongo import drop_database, fresh_database_name, mongo_server, with_database
 from tests.support.simwire import ADMIN_ID, ADMIN_SECRET, T0, Api, running
 
@@ -61,6 +62,14 @@ async def api(app: Simwire, http: aiohttp.ClientSession) -> Api:
 def clock() -> ManualClock:
     """A clock tests move by hand, starting at T0."""
     return ManualClock(T0)
+
+
+@pytest.fixture
+async def device(node: Simwire, api: Api) -> AsyncIterator[Device]:
+    """UDP and CoAP uplinks from 127.0.0.1 (the module's `api` registers its SIM)."""
+    d = await Device.open(node)
+    yield d
+    d.close()
 
 
 @pytest.fixture

@@ -44,9 +44,7 @@ async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     client = await Api.login(node, http)
     for iccid, ip, status in ((ICCID, IP, "Enabled"),
                               ("8988280666000000102", "127.0.0.32", "Disabled")):
-        code, body = await client.call("POST", "/v1/sims", {
-            "iccid": iccid, "imsi": "9014051" + iccid[-8:], "ip": ip, "status": status})
-        assert code == 201, body
+        await client.add_sim(iccid, "9014051" + iccid[-8:], ip, status=status)
     return client
 
 

@@ -22,9 +22,7 @@ ISO0 = "2026-01-01T00:00:00.000Z"
 async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     client = await Api.login(node, http)
     for n, iccid in enumerate(ICCIDS):
-        status, body = await client.call("POST", "/v1/sims", {
-            "iccid": iccid, "imsi": f"9014051000002{n:02d}", "ip": f"127.0.1.{n + 1}"})
-        assert status == 201, body
+        await client.add_sim(iccid, f"9014051000002{n:02d}", f"127.0.1.{n + 1}")
     return client
 
 

@@ -12,7 +12,6 @@ import base64
 import json
 import struct
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,8 @@ DEMO_JSON = ('{"data_type":"Energy_Saver","battery_level":99,"signal_strength":8
 @pytest.fixture
 async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     client = await Api.login(node, http)
-    status, _ = await client.call("POST", "/v1/sims", {
-        "iccid": ICCID, "imsi": "901405100000071", "ip": "127.0.0.1"})
-    assert status == 201
+    await client.add_sim(ICCID, "901405100000071", "127.0.0.1")
     return client
-
-
-@pytest.fixture
-async def device(node: Simwire, api: Api) -> AsyncIterator[Device]:
-    d = await Device.open(node)
-    yield d
-    d.close()
 
 
 async def create(api: Api, template: str = DEMO, **fields: Any) -> dict[str, Any]:

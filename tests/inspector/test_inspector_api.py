@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import aiohttp
@@ -22,17 +21,8 @@ ICCID = "8988280666000000061"
 @pytest.fixture
 async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     client = await Api.login(node, http)
-    status, _ = await client.call("POST", "/v1/sims", {
-        "iccid": ICCID, "imsi": "901405100000061", "ip": "127.0.0.1", "label": "pump 7"})
-    assert status == 201
+    await client.add_sim(ICCID, "901405100000061", "127.0.0.1", label="pump 7")
     return client
-
-
-@pytest.fixture
-async def device(node: Simwire, api: Api) -> AsyncIterator[Device]:
-    d = await Device.open(node)
-    yield d
-    d.close()
 
 
 def iso(ms: int) -> str:
@@ -178,8 +168,7 @@ async def test_device_list_and_detail(node: Simwire, api: Api, device: Device) -
     await device.coap(b"hi")
     others = [("8988280666000000062", "127.0.0.62"), ("8988280666000000063", "127.0.0.63")]
     for iccid, ip in others:
-        await api.call("POST", "/v1/sims", {"iccid": iccid, "imsi": "9014051000000" + iccid[-2:],
-                                            "ip": ip})
+        await api.add_sim(iccid, "9014051000000" + iccid[-2:], ip)
         client = await UdpClient.open(("127.0.0.1", node.ports.coap), ip)
         reply = await client.request(coap.serialize(coap.Message(coap.CON, coap.POST, 1)))
         assert coap.parse(reply).code == coap.CHANGED

@@ -45,9 +45,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Simwire]:
 @pytest.fixture
 async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     client = await Api.login(node, http)
-    status, body = await client.call("POST", "/v1/sims", {
-        "iccid": ICCID, "imsi": IMSI, "ip": "127.0.0.1"})
-    assert status == 201, body
+    await client.add_sim(ICCID, IMSI, "127.0.0.1")
     return client
 
 

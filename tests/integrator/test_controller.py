@@ -31,9 +31,7 @@ IP2 = "127.0.0.52"
 async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     client = await Api.login(node, http)
     for iccid, ip in ((ICCID, IP), (ICCID2, IP2)):
-        status, body = await client.call("POST", "/v1/sims", {
-            "iccid": iccid, "imsi": "9014051" + iccid[-8:], "ip": ip})
-        assert status == 201, body
+        await client.add_sim(iccid, "9014051" + iccid[-8:], ip)
     return client
 
 

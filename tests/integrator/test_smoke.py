@@ -8,9 +8,7 @@ ICCID = "8988280666000000001"
 
 
 async def test_coap_vector_reaches_history(app: Simwire, api: Api) -> None:
-    status, body = await api.call("POST", "/v1/sims", {
-        "iccid": ICCID, "imsi": "901405100000001", "ip": "127.0.0.1"})
-    assert status == 201, body
+    await api.add_sim(ICCID, "901405100000001", "127.0.0.1")
     c = await UdpClient.open(("127.0.0.1", app.ports.coap))
     reply = await c.request(bytes.fromhex("40020001d602743d74657374ff016354322e322e31"))
     assert reply == bytes.fromhex("60440001")

@@ -56,17 +56,8 @@ async def node(tmp_path: Path, pki: Pki, clock: ManualClock) -> AsyncIterator[Si
 @pytest.fixture
 async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     client = await Api.login(node, http)
-    status, body = await client.call("POST", "/v1/sims", {
-        "iccid": ICCID, "imsi": IMSI, "ip": "127.0.0.1"})
-    assert status == 201, body
+    await client.add_sim(ICCID, IMSI, "127.0.0.1")
     return client
-
-
-@pytest.fixture
-async def device(node: Simwire, api: Api) -> AsyncIterator[Device]:
-    d = await Device.open(node)
-    yield d
-    d.close()
 
 
 async def create(api: Api, url: str, **kw: Any) -> dict[str, Any]:
@@ -164,9 +155,7 @@ async def test_per_device_order_with_many_devices(
         devices = []
         for n in range(5):
             iccid = f"89882806660000001{n:02d}"
-            status, _ = await api.call("POST", "/v1/sims", {
-                "iccid": iccid, "imsi": f"9014051000001{n:02d}", "ip": f"127.0.0.{n + 10}"})
-            assert status == 201
+            await api.add_sim(iccid, f"9014051000001{n:02d}", f"127.0.0.{n + 10}")
             devices.append(await UdpClient.open(("127.0.0.1", node.ports.udp), f"127.0.0.{n + 10}"))
         await create(api, hook.url)
         for k in range(20):

@@ -62,6 +62,13 @@ class Api:
             assert r.status == 200, body
         return cls(base, session, body["access_token"])
 
+    async def add_sim(self, iccid: str, imsi: str, ip: str, **fields: Any) -> dict[str, Any]:
+        """`POST /v1/sims` for a test's setup; asserts 201 and returns the SIM."""
+        status, body = await self.call("POST", "/v1/sims",
+                                       {"iccid": iccid, "imsi": imsi, "ip": ip, **fields})
+        assert status == 201, body
+        return dict(body)
+
     async def call(self, method: str, path: str, json: Any = None,
                    params: dict[str, str] | None = None,
                    headers: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -51,9 +51,7 @@ async def node(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
 @pytest.fixture
 async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     client = await Api.login(node, http)
-    status, body = await client.call("POST", "/v1/sims", {
-        "iccid": ICCID, "imsi": "901405100000431", "ip": IP})
-    assert status == 201, body
+    await client.add_sim(ICCID, "901405100000431", IP)
     return client
 
 

@@ -54,9 +54,7 @@ TLV, SENML_JSON, SENML_CBOR = (ContentFormat.TLV, ContentFormat.SENML_JSON,
 async def add_sims(api: Api) -> None:
     for iccid, ip, status in ((ICCID, IP, "Enabled"), (ICCID2, IP2, "Enabled"),
                               (DISABLED, DISABLED_IP, "Disabled")):
-        code, body = await api.call("POST", "/v1/sims", {
-            "iccid": iccid, "imsi": "9014051" + iccid[-8:], "ip": ip, "status": status})
-        assert code == 201, body
+        await api.add_sim(iccid, "9014051" + iccid[-8:], ip, status=status)
 
 
 @pytest.fixture
