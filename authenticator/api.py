@@ -11,9 +11,9 @@ from authenticator.psk import to_api as psk_to_api
 from simwire.http import (
     MAX_BULK_BODY,
     json_response,
+    page_params,
     page_response,
     principal,
-    query_int,
     read_json,
     requires,
 )
@@ -34,8 +34,7 @@ def routes(sims: SimManagement) -> web.RouteTableDef:
     async def list_sims(request: web.Request) -> web.Response:
         page = await sims.list(
             principal(request).org,
-            query_int(request, "page", 1, 1, 1_000_000),
-            query_int(request, "pageSize", 10, 1, 100),
+            *page_params(request),
         )
         return page_response(page, Sim.to_api)
 
@@ -91,9 +90,7 @@ def psk_routes(psks: PskService) -> web.RouteTableDef:
     @table.get("/v1/integrate/devices/psk/jobs")
     @requires("operator")
     async def list_jobs(request: web.Request) -> web.Response:
-        page = await psks.list_jobs(principal(request).org,
-                                    query_int(request, "page", 1, 1, 1_000_000),
-                                    query_int(request, "pageSize", 10, 1, 100))
+        page = await psks.list_jobs(principal(request).org, *page_params(request))
         return page_response(page, job_to_api)
 
     @table.get("/v1/integrate/devices/psk/jobs/{id}")

@@ -10,7 +10,15 @@ from aiohttp import web
 
 from simwire.clock import Clock
 from simwire.errors import BadRequest, NotFound
-from simwire.http import json_response, page_response, parse_time, principal, query_int, requires
+from simwire.http import (
+    json_response,
+    page_params,
+    page_response,
+    parse_time,
+    principal,
+    query_int,
+    requires,
+)
 from simwire.model import ICCID_RE, AdminLog, Device, Protocol, Sim, iso_ms
 from simwire.ports import (
     AdminLogQuery,
@@ -95,10 +103,11 @@ def routes(
                 raise BadRequest("bad sort", [{"property": "sort",
                                                "message": "fields: iccid, imsi, ip"}])
             sort.append((name, part.strip().startswith("-")))
+        number, size = page_params(request, 50)
         page = await devices.list_devices(DeviceQuery(
             org=principal(request).org,
-            page=query_int(request, "page", 1, 1, 1_000_000),
-            page_size=query_int(request, "pageSize", 10, 1, 50),
+            page=number,
+            page_size=size,
             iccid=q.get("iccid"),
             sort=tuple(sort),
         ))
@@ -189,13 +198,12 @@ def routes(
                              [{"property": "q", "message": f"unknown field {sorted(unknown)[0]}"}])
         start = parse_time("startDateTime", q["startDateTime"])[0] if "startDateTime" in q else None
         end = parse_time("endDateTime", q["endDateTime"])[0] if "endDateTime" in q else None
+        number, size = page_params(request)
         page = await logs.list_logs(AdminLogQuery(
             org=principal(request).org, iccid=q.get("iccid"),
             type=q["type"].upper() if "type" in q else None,
             category=q["category"].lower() if "category" in q else None,
-            start_ms=start, end_ms=end,
-            page=query_int(request, "page", 1, 1, 1_000_000),
-            page_size=query_int(request, "pageSize", 10, 1, 100),
+            start_ms=start, end_ms=end, page=number, page_size=size,
         ))
         return page_response(page, AdminLog.to_api)
 

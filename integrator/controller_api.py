@@ -10,7 +10,14 @@ from aiohttp import web
 
 from integrator.controller import Controller, to_api
 from simwire.errors import BadRequest
-from simwire.http import json_response, page_response, principal, query_int, read_json, requires
+from simwire.http import (
+    json_response,
+    page_params,
+    page_response,
+    principal,
+    read_json,
+    requires,
+)
 from simwire.model import ICCID_RE, DownlinkStatus
 from simwire.ports import DownlinkQuery
 
@@ -50,8 +57,7 @@ def routes(controller: Controller) -> web.RouteTableDef:
         page = await controller.list_requests(DownlinkQuery(
             principal(request).org, iccid,
             DownlinkStatus(status_raw) if status_raw else None,
-            query_int(request, "page", 1, 1, 1_000_000),
-            query_int(request, "pageSize", 10, 1, 100)))
+            *page_params(request)))
         return page_response(page, to_api)
 
     @table.get("/v1/integrate/devices/actions/requests/{id}")

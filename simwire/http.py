@@ -89,6 +89,12 @@ async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
         raise BadRequest("body is not valid JSON", [{"message": f"invalid JSON: {exc}"}]) from exc
 
 
+def page_params(request: web.Request, max_page_size: int = 100) -> tuple[int, int]:
+    """`page` (from 1) and `pageSize` (default 10) of a 1NCE list request; 400 otherwise."""
+    return (query_int(request, "page", 1, 1, 1_000_000),
+            query_int(request, "pageSize", 10, 1, max_page_size))
+
+
 def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":

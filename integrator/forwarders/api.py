@@ -9,7 +9,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from integrator.forwarders.service import Integrations, event_types, to_api
-from simwire.http import json_response, page_response, principal, query_int, read_json, requires
+from simwire.http import (
+    json_response,
+    page_params,
+    page_response,
+    principal,
+    read_json,
+    requires,
+)
 from simwire.model import IntegrationType
 
 
@@ -21,8 +28,7 @@ def routes(integrations: Integrations) -> web.RouteTableDef:
     async def list_all(request: web.Request) -> web.Response:
         page = await integrations.list(
             principal(request).org,
-            query_int(request, "page", 1, 1, 1_000_000),
-            query_int(request, "pageSize", 10, 1, 100),
+            *page_params(request),
         )
         return page_response(page, to_api)
 
