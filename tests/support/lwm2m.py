@@ -6,8 +6,10 @@ needs to see or shape single messages."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mbedtls import tls
 
@@ -16,8 +18,24 @@ from integrator.lwm2m.formats import Value, decode
 from integrator.lwm2m.objects import Registry
 from tests.support.dtls import Client as DtlsClient
 from tests.support.net import UdpListener
+from tests.support.simwire import Api
 
 REGISTRY = Registry.default()
+
+
+async def history(api: Api, iccid: str) -> list[dict[str, Any]]:
+    """The device's LWM2M history items (up to 100)."""
+    status, body = await api.call("GET", f"/v1/inspect/devices/{iccid}/history",
+                                  params={"pageSize": "100", "protocol": "LWM2M"})
+    assert status == 200, body
+    return list(body["items"])
+
+
+async def history_values(api: Api, iccid: str, n: int) -> list[dict[str, Any]] | None:
+    """The JSON values of the device's LWM2M history once there are exactly `n` items (in
+    no particular order: a test clock gives them all one time), else None."""
+    items = await history(api, iccid)
+    return [json.loads(i["payload"]) for i in items] if len(items) == n else None
 DELETED = coap.code(2, 2)
 METHODS = {coap.GET: "GET", coap.POST: "POST", coap.PUT: "PUT", coap.DELETE: "DELETE"}
 

@@ -7,7 +7,6 @@ the server and the bootstrap server sharing one port of their own (ADR 0008)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from integrator.lwm2m.objects import Registry
 from sdk_examples.lwm2m_client import Lwm2mClient
 from simwire.app import Simwire
 from tests.support.dtls import Client as DtlsClient
-from tests.support.lwm2m import DtlsDevice, UdpDevice
+from tests.support.lwm2m import DtlsDevice, UdpDevice, history_values
 from tests.support.net import free_port
 from tests.support.simwire import Api, eventually, running
 
@@ -55,14 +54,6 @@ async def api(node: Simwire, http: aiohttp.ClientSession) -> Api:
     return client
 
 
-async def history_values(api: Api, n: int) -> list[dict[str, Any]] | None:
-    status, body = await api.call("GET", f"/v1/inspect/devices/{ICCID}/history",
-                                  params={"pageSize": "100", "protocol": "LWM2M"})
-    assert status == 200, body
-    items = body["items"]
-    return [json.loads(i["payload"]) for i in items] if len(items) >= n else None
-
-
 def port_of(uri: Any) -> int:
     port = urlsplit(str(uri)).port
     assert port is not None
@@ -87,7 +78,7 @@ async def test_plain_bootstrap_register_read_observe_notify(node: Simwire, api: 
         res = await node.lwm2m.observe(ICCID, "/3/0/9")
         assert res.value == {"/3/0/9": 77}
         device.set("/3/0/9", 42)
-        got = await eventually(lambda: history_values(api, 3))
+        got = await eventually(lambda: history_values(api, ICCID, 3))
         assert {"/3/0/9": 42} in got and {"/3/0/9": 77} in got
         assert any(v.get("/3/0/0") == "Simwire" for v in got)  # the read of /3/0
 
@@ -133,7 +124,7 @@ async def test_dtls_bootstrap_register_read_observe_notify(node: Simwire, api: A
                     (coap.OPT_CONTENT_FORMAT, coap.uint_option(TLV))])
         assert (await observe).value == {"/3/0/9": 77}
         dev.notify(req.token, 2, encode(TLV, [Record("/3/0/9", 42)], "/3/0/9", REGISTRY), TLV)
-        got = await eventually(lambda: history_values(api, 3))
+        got = await eventually(lambda: history_values(api, ICCID, 3))
         assert {"/3/0/9": 42} in got and {"/3/0/0": "Simwire", "/3/0/9": 77} in got
     finally:
         dev.close()
@@ -158,7 +149,7 @@ async def test_ports_of_their_own_serve_only_lwm2m(node: Simwire, api: Api) -> N
     finally:
         on_coap.close()
         on_lwm2m.close()
-    assert await history_values(api, 1) is None  # nothing was ingested
+    assert await history_values(api, ICCID, 1) is None  # nothing was ingested
 
 
 @pytest.mark.parametrize("node", OWN_PORTS, indirect=True)

@@ -30,6 +30,7 @@ from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.config import Config
 from simwire.model import DeviceIdentity
+from tests.support import lwm2m
 from tests.support.dtls import Client as DtlsClient
 from tests.support.net import UdpClient
 from tests.support.simwire import T0, Api, envelopes, eventually, running
@@ -111,17 +112,11 @@ def location(msg: coap.Message) -> str:
 
 
 async def history(api: Api, iccid: str = ICCID) -> list[dict[str, Any]]:
-    status, body = await api.call("GET", f"/v1/inspect/devices/{iccid}/history",
-                                  params={"pageSize": "100", "protocol": "LWM2M"})
-    assert status == 200, body
-    return list(body["items"])
+    return await lwm2m.history(api, iccid)
 
 
 async def values(api: Api, n: int, iccid: str = ICCID) -> list[dict[str, Any]] | None:
-    """The JSON values of the device's LWM2M history once there are `n` items (in no
-    particular order: the test clock gives them all one time)."""
-    items = await history(api, iccid)
-    return [json.loads(i["payload"]) for i in items] if len(items) == n else None
+    return await lwm2m.history_values(api, iccid, n)
 
 
 async def state(api: Api, iccid: str = ICCID) -> dict[str, Any]:
