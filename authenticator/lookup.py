@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 
 from simwire.clock import Clock
 from simwire.model import Sim
@@ -26,6 +27,9 @@ class SimLookup:
         self._max = max_entries
         self._cache: OrderedDict[str, tuple[float, Sim | None]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[Sim | None]] = {}
+        self.publish: Callable[[tuple[str, ...]], object] | None = None
+        """Tells the other worker processes about `invalidate` (simwire.app); they call
+        `forget`."""
 
     def cached(self, ip: str) -> tuple[bool, Sim | None]:
         """(hit, sim) without awaiting: the pipeline's fast path."""
@@ -63,5 +67,11 @@ class SimLookup:
 
     def invalidate(self, *ips: str) -> None:
         """Management calls this after changing or deleting a SIM (old and new IPs)."""
+        self.forget(*ips)
+        if self.publish is not None:
+            self.publish(ips)
+
+    def forget(self, *ips: str) -> None:
+        """Drop cached entries (`invalidate` here, or another worker's)."""
         for ip in ips:
             self._cache.pop(ip, None)

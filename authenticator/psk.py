@@ -167,12 +167,21 @@ class PskService:
         self.on_change: list[Callable[[str, DeviceProtocol], object]] = []
         """Called with a SIM's IP and the protocol whose key changed (the DTLS endpoints
         whose role reads that key drop the sessions made with the old one)."""
+        self.publish: Callable[[str, str, DeviceProtocol], object] | None = None
+        """Tells the other worker processes (simwire.app); they call `forget`."""
 
     def _changed(self, sim: Sim, protocol: DeviceProtocol) -> None:
+        self.forget(sim.iccid, sim.ip, protocol)
+        if self.publish is not None:
+            self.publish(sim.iccid, sim.ip, protocol)
+
+    def forget(self, iccid: str, ip: str, protocol: DeviceProtocol) -> None:
+        """A key of `iccid` changed (here, or in another worker): drop the cached keys and
+        run the `on_change` hooks."""
         for role in KeyRole:
-            self._keys.pop((sim.iccid, role), None)
+            self._keys.pop((iccid, role), None)
         for hook in self.on_change:
-            hook(sim.ip, protocol)
+            hook(ip, protocol)
 
     # -- sealing ---------------------------------------------------------------------------
 

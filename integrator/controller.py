@@ -16,6 +16,7 @@ import binascii
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -67,11 +68,19 @@ class Sender(Protocol):
 
 class Controller:
     def __init__(self, repo: DownlinkRepository, sims: SimRepository, clock: Clock,
-                 senders: dict[DeviceProtocol, Sender]) -> None:
+                 senders: dict[DeviceProtocol, Sender],
+                 elsewhere: Callable[[Sim, DeviceProtocol], bool] | None = None,
+                 hand_off: Callable[[Sim], None] | None = None) -> None:
+        """`elsewhere(sim, protocol)`: another worker process must send this device's
+        requests of `protocol` (it holds the device's LwM2M registration); such a SEND_NOW
+        request is stored SCHEDULED and `hand_off(sim)` tells that process, which `fire`s
+        it (a lost notice: the device's next activity fires it)."""
         self._repo = repo
         self._sims = sims
         self._clock = clock
         self._senders = senders
+        self._elsewhere = elsewhere
+        self._hand_off = hand_off
         self._tasks: set[asyncio.Task[None]] = set()
         self._firing: set[str] = set()
         self.waiting: set[str] = set()
@@ -142,9 +151,16 @@ class Controller:
 
     def on_activity(self, iccid: str) -> None:
         """Pipeline (after a committed uplink) and LwM2M register/update: fire the device's
-        SEND_WHEN_ACTIVE requests. Hot path: a set lookup unless the device has waiting
-        requests; one firing per device at a time."""
-        if iccid not in self.waiting or iccid in self._firing:
+        waiting requests. Hot path: a set lookup unless the device has waiting requests;
+        one firing per device at a time."""
+        if iccid not in self.waiting:
+            return
+        self.fire(iccid)
+
+    def fire(self, iccid: str) -> None:
+        """Send the device's waiting requests now (activity, or another worker's
+        `hand_off`)."""
+        if iccid in self._firing:
             return
         self.waiting.discard(iccid)
         self._firing.add(iccid)
@@ -153,8 +169,7 @@ class Controller:
     async def _fire(self, iccid: str) -> None:
         try:
             for req in await self._repo.scheduled_downlinks(iccid):
-                if req.mode is DownlinkMode.SEND_WHEN_ACTIVE:
-                    await self._deliver(req)
+                await self._deliver(req)
         except Exception:
             log.exception("firing scheduled requests of %s failed", iccid)
         finally:
@@ -169,15 +184,21 @@ class Controller:
         request_data = {**data, "iccid": sim.iccid, "imsi1": sim.imsi, "deviceId": sim.iccid,
                         "requestId": request_id, "customerId": sim.org,
                         "deviceIpAddress": sim.ip}
-        # SEND_NOW goes out at once (IN_PROGRESS: not counted against the waiting limit)
-        status = (DownlinkStatus.IN_PROGRESS if mode is DownlinkMode.SEND_NOW
+        # SEND_NOW goes out at once (IN_PROGRESS: not counted against the waiting limit),
+        # unless another worker process must send it
+        remote = (mode is DownlinkMode.SEND_NOW and self._elsewhere is not None
+                  and self._elsewhere(sim, proto))
+        status = (DownlinkStatus.IN_PROGRESS if mode is DownlinkMode.SEND_NOW and not remote
                   else DownlinkStatus.SCHEDULED)
         req = DownlinkRequest(request_id, sim.org, sim.iccid, sim.ip, proto, mode, status,
                               request_data, attempts, attempts, now, now,
                               now + SCHEDULE_TTL_MS)
         if not await self._repo.create_downlink(req, MAX_SCHEDULED):
             return None
-        if mode is DownlinkMode.SEND_NOW:
+        if remote:
+            if self._hand_off is not None:
+                self._hand_off(sim)
+        elif mode is DownlinkMode.SEND_NOW:
             self._spawn(self._deliver(req, claimed=True))
         else:
             self.waiting.add(sim.iccid)

@@ -4,6 +4,11 @@
 API and the background tasks, in that order, inside one AsyncExitStack; `stop()` unwinds it:
 stop accepting (endpoints close and drain in-flight uplinks) -> stop background tasks ->
 close the API -> close the store.
+
+In a worker of `simwire serve --workers N` (simwire.workers) it takes the supervisor's
+sockets instead of binding, holds only the LwM2M registrations of the devices whose
+datagrams reach it, hands LwM2M downlinks to the worker that holds them, and only worker 0
+delivers the outbox and runs retention; cache changes are told to the other workers.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import gc
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +42,7 @@ from integrator.controller import Controller, DownlinkSockets
 from integrator.endpoints import coap as coap_endpoint
 from integrator.endpoints import dtls as dtls_endpoint
 from integrator.endpoints import udp as udp_endpoint
+from integrator.endpoints.datagram import bind_udp
 from integrator.forwarders import api as integrations_api
 from integrator.forwarders.dispatcher import Dispatcher, ForwarderConfig
 from integrator.forwarders.service import Integrations, Limits
@@ -50,9 +58,10 @@ from simwire.clock import Clock, SystemClock
 from simwire.config import Config
 from simwire.http import build_api
 from simwire.metrics import Metrics
-from simwire.model import LogCategory, LogType, Protocol
+from simwire.model import LogCategory, LogType, Protocol, Sim
 from simwire.ports import Store, Translator
 from simwire.storage import open_store
+from simwire.workers import WorkerContext, describe_ports, owner_index
 
 log = logging.getLogger("simwire.app")
 
@@ -71,13 +80,11 @@ class BoundPorts:
 
     def describe(self) -> str:
         """`udp=4445 coap=5683 coaps=5684`, then the LwM2M ports that are their own."""
-        text = f"udp={self.udp} coap={self.coap} coaps={self.coaps}"
-        for name, port in (("lwm2m", self.lwm2m), ("lwm2m_coaps", self.lwm2m_coaps),
-                           ("lwm2m_bootstrap", self.lwm2m_bootstrap),
-                           ("lwm2m_bootstrap_coaps", self.lwm2m_bootstrap_coaps)):
-            if port not in (self.coap, self.coaps):
-                text += f" {name}={port}"
-        return text
+        return describe_ports({
+            "udp_port": self.udp, "coap_port": self.coap, "coaps_port": self.coaps,
+            "lwm2m_port": self.lwm2m, "lwm2m_coaps_port": self.lwm2m_coaps,
+            "lwm2m_bootstrap_port": self.lwm2m_bootstrap,
+            "lwm2m_bootstrap_coaps_port": self.lwm2m_bootstrap_coaps})
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +100,12 @@ class Simwire:
     """One running Simwire process (or, in tests, one in-process instance)."""
 
     def __init__(
-        self, config: Config, clock: Clock | None = None, translator: Translator | None = None
+        self, config: Config, clock: Clock | None = None, translator: Translator | None = None,
+        worker: WorkerContext | None = None,
     ) -> None:
         self.config = config
+        self.worker = worker
+        """Set in a worker process of `--workers N`."""
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self._translator = translator
@@ -145,7 +155,8 @@ class Simwire:
             stack.push_async_callback(self.admin_logs.stop)
             box = SecretBox.from_file(cfg.psk_key_file or cfg.data_dir / "psk-seal.key")
             self.psks = PskService(self.store, self.store, lookup, box, self.clock)
-            await self.psks.finish_interrupted()
+            if self._leader:
+                await self.psks.finish_interrupted()
             stack.push_async_callback(self.psks.stop)
             bootstrap = Bootstrap(self.psks, lookup, self.admin_logs, cfg.coaps_url)
             self.retention = Retention(
@@ -161,7 +172,8 @@ class Simwire:
                 # LWM2M_PASSIVE_REPORTING: a `Config.lwm2m_passive_reporting` flag once added
                 passive_reporting=cfg.lwm2m_passive_reporting,
                 on_activity=lambda iccid: self.controller.on_activity(iccid),
-                positions=NoLocator(), admin_logs=self.admin_logs)
+                positions=NoLocator(), admin_logs=self.admin_logs,
+                owns=None if self.worker is None else self.worker.owns)
             await self.lwm2m.start()
             stack.push_async_callback(self.lwm2m.stop)
             downlinks = await DownlinkSockets.open(cfg.host, self.clock)
@@ -169,7 +181,7 @@ class Simwire:
             self.controller = Controller(
                 self.store, self.store, self.clock,
                 {Protocol.UDP: downlinks.udp, Protocol.COAP: downlinks.coap,
-                 Protocol.LWM2M: Lwm2mSender(self.lwm2m)})
+                 Protocol.LWM2M: Lwm2mSender(self.lwm2m)}, *self._downlink_hand_off())
             await self.controller.housekeeping()
             stack.push_async_callback(self.controller.stop)
             self.pipeline = Pipeline(
@@ -185,6 +197,7 @@ class Simwire:
             self.dispatcher = Dispatcher(
                 self.store, sinks.build, self.clock, self.metrics,
                 ForwarderConfig(cfg.retry_schedule(), cfg.delivery_concurrency),
+                delivers=self._leader, notify=self._tell_leader,
             )
             await self.dispatcher.start()
             stack.push_async_callback(self.dispatcher.stop)
@@ -209,12 +222,16 @@ class Simwire:
             runner = web.AppRunner(api, access_log=None, handle_signals=False)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, cfg.http_host or cfg.host, cfg.http_port)
+            site: web.BaseSite = (
+                web.TCPSite(runner, cfg.http_host or cfg.host, cfg.http_port)
+                if self.worker is None else web.SockSite(runner, self.worker.http))
             await site.start()
             http_port = _bound_port(runner)
 
-            retention_task = asyncio.create_task(self.retention.run_forever(), name="retention")
-            stack.push_async_callback(_cancel, retention_task)
+            if self._leader:
+                retention_task = asyncio.create_task(self.retention.run_forever(),
+                                                     name="retention")
+                stack.push_async_callback(_cancel, retention_task)
             refresh_task = asyncio.create_task(self.translator.run_forever(),
                                                name="template-refresh")
             stack.push_async_callback(_cancel, refresh_task)
@@ -224,7 +241,7 @@ class Simwire:
 
             udp = await udp_endpoint.serve(
                 cfg.host, cfg.udp_port, self.pipeline, self.clock, self.metrics,
-                udp_endpoint.UdpConfig(max_payload=cfg.max_payload),
+                udp_endpoint.UdpConfig(max_payload=cfg.max_payload), bind=self._bind_udp,
             )
             stack.callback(udp.close)
             # CoAP :5683 (ingest, /bootstrap) and CoAPs :5684; LwM2M's routes join them
@@ -282,6 +299,7 @@ class Simwire:
                 udp.port, shared[False].port, http_port, shared[True].port,
                 server[False].port, server[True].port, bootstrapper[False].port,
                 bootstrapper[True].port)
+            self._listen_to_peers()
         except BaseException:
             await stack.aclose()
             raise
@@ -295,14 +313,15 @@ class Simwire:
         keys of `role`; closed when the app stops."""
         cfg = self.config
         if role is None:
-            plain = await coap_endpoint.serve(cfg.host, port, protocol)
+            plain = await coap_endpoint.serve(cfg.host, port, protocol, self._bind_udp)
             self._stack.callback(plain.close)
             return CoapPort(protocol, plain.port, None)
         keys = self.psks.dtls_keys(role)
         label = "COAP" if role is KeyRole.COAP else "LWM2M"
         secure = await dtls_endpoint.serve(
             cfg.host, port, protocol, keys, self.clock, self.metrics,
-            dtls_endpoint.DtlsConfig(protocol=label), on_refused=self._dtls_refused)
+            dtls_endpoint.DtlsConfig(protocol=label), on_refused=self._dtls_refused,
+            bind=self._bind_udp)
         self._stack.callback(secure.close)
         forget = secure.endpoint.forget
 
@@ -312,6 +331,65 @@ class Simwire:
 
         self.psks.on_change.append(changed)
         return CoapPort(protocol, secure.port, keys)
+
+    # -- worker processes (simwire.workers) -------------------------------------------------
+
+    @property
+    def _leader(self) -> bool:
+        """Delivers the outbox and runs retention: the only process, or worker 0."""
+        return self.worker is None or self.worker.leader
+
+    def _bind_udp(self, host: str, port: int, rcvbuf: int) -> socket.socket:
+        if self.worker is not None:
+            return self.worker.bind_udp(host, port, rcvbuf)
+        return bind_udp(host, port, rcvbuf)
+
+    def _tell_leader(self, kind: str) -> None:
+        """The dispatcher of a worker other than 0: new outbox events / integrations."""
+        if self.worker is not None:
+            self.worker.peers.send_soon(0, kind)
+
+    def _downlink_hand_off(self) -> tuple[Callable[[Sim, Protocol], bool] | None,
+                                          Callable[[Sim], None] | None]:
+        """The controller's `elsewhere` and `hand_off`: a LwM2M downlink goes from the
+        worker holding the device's registration (the one its datagrams reach)."""
+        worker = self.worker
+        if worker is None or worker.count == 1:
+            return None, None
+
+        def elsewhere(sim: Sim, protocol: Protocol) -> bool:
+            return protocol is Protocol.LWM2M and not worker.owns(sim.ip)
+
+        def hand_off(sim: Sim) -> None:
+            worker.peers.send(owner_index(sim.ip, worker.count), "downlink", iccid=sim.iccid)
+
+        return elsewhere, hand_off
+
+    def _listen_to_peers(self) -> None:
+        """Tell the other workers about cache changes here, and act on their notices."""
+        worker = self.worker
+        if worker is None or worker.count == 1:
+            return
+        peers = worker.peers
+        self._lookup.publish = lambda ips: peers.broadcast("sim", ips=list(ips))
+        self.psks.publish = lambda iccid, ip, protocol: peers.broadcast(
+            "psk", iccid=iccid, ip=ip, protocol=protocol.value)
+        tasks: set[asyncio.Task[Any]] = set()
+
+        def spawn(coro: Any) -> None:
+            task = asyncio.get_running_loop().create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        peers.handlers.update({
+            "outbox": lambda n: self.dispatcher.wake(),
+            "integrations": lambda n: spawn(self.dispatcher.reconcile()),
+            "sim": lambda n: self._lookup.forget(*n["ips"]),
+            "psk": lambda n: self.psks.forget(n["iccid"], n["ip"], Protocol(n["protocol"])),
+            "downlink": lambda n: self.controller.fire(n["iccid"]),
+        })
+        peers.start()
+        self._stack.callback(peers.stop)
 
     def _dtls_refused(self, ip: str, reason: str) -> None:
         """A DTLS peer got no session (the endpoint rate-limits this per IP)."""
@@ -328,7 +406,11 @@ class Simwire:
         await self._stack.aclose()
 
     async def _health(self) -> dict[str, Any]:
-        return {"status": "ok", "store": self.store.name}
+        health: dict[str, Any] = {"status": "ok", "store": self.store.name}
+        if self.worker is not None:
+            health["worker"] = {"index": self.worker.index, "count": self.worker.count,
+                                "pid": self.worker.pid}
+        return health
 
     async def __aenter__(self) -> Simwire:
         await self.start()
@@ -349,9 +431,10 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         await task
 
 
-async def run(config: Config) -> None:
-    """`simwire serve`: run until SIGINT/SIGTERM, then shut down in order."""
-    app = Simwire(config)
+async def run(config: Config, worker: WorkerContext | None = None) -> None:
+    """`simwire serve` (or one of its `--workers`): run until SIGINT/SIGTERM (or the
+    supervisor is gone), then shut down in order."""
+    app = Simwire(config, worker=worker)
     await app.start()
     if app.generated_admin is not None:
         cid, secret = app.generated_admin
@@ -362,12 +445,17 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        worker.watch_supervisor(stop.set)
     # A long-running server: move start-up objects out of the collector's sight and let
     # the young generation grow (the hot path allocates many short-lived containers).
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
-    print(f"simwire ready {app.ports.describe()} http={app.ports.http}", flush=True)
+    if worker is not None:
+        worker.ready()  # the supervisor prints the ready line once every worker is
+    else:
+        print(f"simwire ready {app.ports.describe()} http={app.ports.http}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                        type=int, help="LwM2M bootstrap server behind DTLS on a port of its "
                                       "own (default: the CoAPs port)")
     serve.add_argument("--http-port", dest="http_port", type=int, help="default 8080")
+    serve.add_argument("--workers", type=int,
+                       help="worker processes sharing the ports (default 1; see docs/deploy.md)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
 
@@ -209,25 +211,51 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             cfg = _config(args, ("data_dir", "store", "host", "http_host", "udp_port",
-                                 "coap_port", "coaps_port", "http_port", "log_level",
-                                 "log_format"))
+                                 "coap_port", "coaps_port", "lwm2m_port", "lwm2m_coaps_port",
+                                 "lwm2m_bootstrap_port", "lwm2m_bootstrap_coaps_port",
+                                 "http_port", "workers", "log_level", "log_format"))
         else:
             cfg = _config(args, ("data_dir", "store"))
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log_level, cfg.log_format)
     if args.command == "serve":
-        from simwire.app import run
-
-        _run(run(cfg))
-        return 0
+        return _serve(cfg, sys.argv[1:] if argv is None else argv)
+    setup_logging(cfg.log_level, cfg.log_format)
     try:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {args.file}: {exc}", file=sys.stderr)
         return 2
     return int(_run(_import(cfg, args.file, text)))
+
+
+def _serve(cfg: Config, argv: list[str]) -> int:
+    """`simwire serve`: one process, the supervisor of `--workers N`, or (started by that
+    supervisor with SIMWIRE_WORKER set) one of its workers."""
+    from simwire.workers import Supervisor, WorkerContext
+
+    try:
+        worker = WorkerContext.from_env()
+        if worker is not None:
+            cfg = cfg.with_overrides(worker.ports)
+            setup_logging(cfg.log_level, cfg.log_format, f"w{worker.index}")
+        else:
+            setup_logging(cfg.log_level, cfg.log_format)
+            if cfg.workers > 1:
+                try:
+                    supervisor = Supervisor(cfg, argv)
+                except OSError as exc:
+                    print(f"error: cannot bind: {exc}", file=sys.stderr)
+                    return 2
+                return int(_run(supervisor.run()))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from simwire.app import run
+
+    _run(run(cfg, worker))
+    return 0
 
 
 def _run(coro: Any) -> Any:

@@ -62,6 +62,10 @@ class Config:
     created on first start. Every process sharing a store needs the same file; keep it
     out of database backups' reach."""
     http_port: int = 8080
+    workers: int = 1
+    """Worker processes sharing the ports (SO_REUSEPORT, a device's source address always
+    reaching the same one) under one supervisor that restarts a dead one (ADR 0009).
+    At most 64; 1 runs everything in this process."""
     data_dir: Path = Path("data")
     """Where the embedded SQLite store lives (`simwire.db`)."""
     store: str = "sqlite"
@@ -100,6 +104,10 @@ class Config:
         if any(g < 0 for g in gaps):
             raise ValueError("retry_schedule_s: gaps must not be negative")
         return gaps
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers: must be 1..64, got {self.workers}")
 
     def with_overrides(self, values: Mapping[str, Any]) -> Config:
         return dataclasses.replace(self, **_coerce(values, "override"))

@@ -14,9 +14,13 @@ from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg and snake_case extras."""
+    """One JSON object per line: ts, level, logger, msg, worker and snake_case extras."""
 
     _SKIP = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -25,6 +29,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self._worker is not None:
+            out["worker"] = self._worker
         for key, val in record.__dict__.items():
             if key not in self._SKIP:
                 out[key] = val
@@ -33,13 +39,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Called once by the CLI."""
+def setup_logging(level: str = "INFO", fmt: str = "text", worker: str | None = None) -> None:
+    """Called once by the CLI; `worker` (`w0`, `w1`, ...) tags a worker process's lines."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = f" [{worker}]" if worker else ""
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

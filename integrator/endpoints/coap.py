@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from integrator import coap
 from integrator.coap_client import CoapRequests
-from integrator.endpoints.datagram import DatagramServer, bind_udp
+from integrator.endpoints.datagram import BindUdp, DatagramServer, bind_udp
 from integrator.pipeline import Ack, Pipeline
 from simwire.clock import Clock
 from simwire.logs import RateLimitedLogger
@@ -440,11 +440,12 @@ def _sdk_safe_mid(mid: int) -> bool:
     return 0 not in (hi, lo) and (hi, lo) != (0x38, 0x39) and lo != 0x38
 
 
-async def serve(host: str, port: int, protocol: CoapServerProtocol) -> DatagramServer:
+async def serve(host: str, port: int, protocol: CoapServerProtocol,
+                bind: BindUdp = bind_udp) -> DatagramServer:
     """Start a plain CoAP endpoint running `protocol`; called by simwire.app."""
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: protocol, sock=bind_udp(host, port, protocol.config.rcvbuf))
+        lambda: protocol, sock=bind(host, port, protocol.config.rcvbuf))
     return DatagramServer(transport)
 
 

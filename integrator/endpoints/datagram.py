@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+
+BindUdp = Callable[[str, int, int], socket.socket]
+"""How an endpoint gets its socket: `(host, port, rcvbuf)` -> a bound non-blocking UDP
+socket. `bind_udp` by default; a worker process (simwire.workers) hands out the socket the
+supervisor bound and shares with the other workers."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from integrator.endpoints.datagram import DatagramServer, bind_udp
+from integrator.endpoints.datagram import BindUdp, DatagramServer, bind_udp
 from simwire.clock import Clock
 from simwire.logs import RateLimitedLogger
 from simwire.metrics import Metrics
@@ -571,7 +571,7 @@ async def serve(
     host: str, port: int, app: DatagramApp, psk: PskLookup, clock: Clock,
     metrics: Metrics | None = None, config: DtlsConfig | None = None,
     on_refused: Callable[[str, str], None] | None = None,
-    backend: DtlsBackend | None = None,
+    backend: DtlsBackend | None = None, bind: BindUdp = bind_udp,
 ) -> DtlsServer:
     """Start the DTLS endpoint (called by simwire.app). `on_refused(ip, reason)` reports,
     at most once per IP per `refused_interval_s`, a peer that got no session: e.g. for an
@@ -586,5 +586,5 @@ async def serve(
     endpoint = DtlsEndpoint(app, psk, backend, clock, metrics, cfg, on_refused)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: endpoint, sock=bind_udp(host, port, cfg.rcvbuf))
+        lambda: endpoint, sock=bind(host, port, cfg.rcvbuf))
     return DtlsServer(transport, endpoint)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from integrator.endpoints.datagram import DatagramServer, bind_udp
+from integrator.endpoints.datagram import BindUdp, DatagramServer, bind_udp
 from integrator.pipeline import Pipeline
 from simwire.clock import Clock
 from simwire.logs import RateLimitedLogger
@@ -58,13 +58,13 @@ class UdpIngestProtocol(asyncio.DatagramProtocol):
 
 async def serve(
     host: str, port: int, pipeline: Pipeline, clock: Clock, metrics: Metrics,
-    config: UdpConfig | None = None,
+    config: UdpConfig | None = None, bind: BindUdp = bind_udp,
 ) -> DatagramServer:
     """Start the UDP endpoint; called by simwire.app."""
     cfg = config or UdpConfig()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(
         lambda: UdpIngestProtocol(pipeline, clock, metrics, cfg),
-        sock=bind_udp(host, port, cfg.rcvbuf),
+        sock=bind(host, port, cfg.rcvbuf),
     )
     return DatagramServer(transport)

@@ -15,6 +15,10 @@ integration becomes INTEGRATION_FAILED, an ERROR event `CloudIntegrator[Integrat
 and an admin log are written, and the worker stops; events keep being queued until
 `restart`, which replays them. Delivery is at least once: an event delivered just before a
 crash (not yet removed from the outbox) is delivered again, with the same id.
+
+Only one process delivers (`delivers`: the single process, or worker 0 of `--workers N`).
+In the others `wake`, `changed` and `removed` become notices to it (`notify("outbox")`,
+`notify("integrations")`); it also re-reads the integrations every `reconcile_interval_s`.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class ForwarderConfig:
     """Requests in flight per integration."""
     batch: int = 256
     poll_interval_s: float = 1.0
+    reconcile_interval_s: float = 5.0
+    """How often the delivering process re-reads integrations changed by other processes."""
 
 
 class _Store(IntegrationRepository, Outbox, IngestStore, Protocol):
@@ -251,30 +257,73 @@ class Dispatcher:
 
     def __init__(
         self, store: _Store, sinks: SinkFactory, clock: Clock, metrics: Metrics,
-        config: ForwarderConfig | None = None,
+        config: ForwarderConfig | None = None, delivers: bool = True,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.sinks = sinks
         self.clock = clock
         self.metrics = metrics
         self.config = config or ForwarderConfig()
+        self.delivers = delivers
+        self._notify = notify or (lambda kind: None)
         self._workers: dict[str, _Worker] = {}
         self._lock = asyncio.Lock()
+        self._reconciler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.store.on_outbox(self.wake)
+        if not self.delivers:
+            return
         for integration in await self.store.all_integrations():
             self._spawn(integration)
+        self._reconciler = asyncio.create_task(self._reconcile_forever(),
+                                               name="integrations-reconcile")
 
     async def stop(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+            self._reconciler = None
         async with self._lock:
             workers = list(self._workers.values())
             self._workers.clear()
             await asyncio.gather(*(w.stop() for w in workers))
 
     def wake(self) -> None:
+        if not self.delivers:
+            self._notify("outbox")
+            return
         for worker in self._workers.values():
             worker.wake.set()
+
+    async def reconcile(self) -> None:
+        """Match the running workers to the stored integrations: start new ones, restart
+        reconfigured (`updated_ms`) or restarted (no longer failed) ones, stop deleted
+        ones. Called on another process's notice and every `reconcile_interval_s`."""
+        if not self.delivers:
+            return
+        async with self._lock:
+            stored = {i.id: i for i in await self.store.all_integrations()}
+            for iid, worker in list(self._workers.items()):
+                now = stored.get(iid)
+                if (now is None or now.updated_ms != worker.integration.updated_ms
+                        or (worker.task is not None and worker.task.done()
+                            and now.state is not IntegrationState.INTEGRATION_FAILED)):
+                    del self._workers[iid]
+                    await worker.stop()
+            for iid, integration in stored.items():
+                if iid not in self._workers:
+                    self._spawn(integration)
+
+    async def _reconcile_forever(self) -> None:
+        while True:  # real time, like the outbox poll: it looks for other processes' work
+            await asyncio.sleep(self.config.reconcile_interval_s)
+            try:
+                await self.reconcile()
+            except Exception as exc:
+                log.error("integrations reconcile failed: %s", exc)
 
     def worker_state(self, integration_id: str) -> Integration | None:
         """The integration as its running worker knows it (tests, status)."""
@@ -283,6 +332,9 @@ class Dispatcher:
 
     async def changed(self, integration: Integration) -> None:
         """Created or reconfigured: (re)start its worker with the new settings."""
+        if not self.delivers:
+            self._notify("integrations")
+            return
         async with self._lock:
             old = self._workers.pop(integration.id, None)
             if old is not None:
@@ -290,6 +342,9 @@ class Dispatcher:
             self._spawn(integration)
 
     async def removed(self, integration_id: str) -> None:
+        if not self.delivers:
+            self._notify("integrations")
+            return
         async with self._lock:
             old = self._workers.pop(integration_id, None)
             if old is not None:

@@ -219,11 +219,13 @@ class Lwm2mServer:
         submit: Submit, clock: Clock, *, registry: Registry | None = None,
         passive_reporting: bool = False, on_activity: Callable[[str], None] | None = None,
         positions: PositionSink | None = None, admin_logs: AdminLogWriter | None = None,
-        sweep_interval_s: float = 1.0,
+        sweep_interval_s: float = 1.0, owns: Callable[[str], bool] | None = None,
     ) -> None:
         """`submit`: the pipeline's; `on_activity`: the Device Controller's; `admin_logs`:
         where refused registrations and Sends are logged; `passive_reporting`: the
-        LWM2M_PASSIVE_REPORTING setting (an attribute: it may change at run time)."""
+        LWM2M_PASSIVE_REPORTING setting (an attribute: it may change at run time);
+        `owns(ip)`: whether this worker process receives that device's datagrams (only
+        those registrations are restored and swept here)."""
         self._store = store
         self._devices = devices
         self._lookup = lookup
@@ -236,6 +238,7 @@ class Lwm2mServer:
         """Device Locator intake for `/6/0/0`, `/6/0/1` (None: positions are dropped)."""
         self._admin_logs = admin_logs
         self._sweep_interval = sweep_interval_s
+        self._owns = owns
         self._clients: dict[str, _Client] = {}  # registration id -> client
         self._id_prefix = secrets.token_hex(4)
         self._id_counter = itertools.count(1)
@@ -268,6 +271,8 @@ class Lwm2mServer:
         """Restore the stored registrations (dropping those that expired meanwhile) and
         start the sweeper."""
         for reg in await self._store.all_registrations():
+            if self._owns is not None and not self._owns(reg.ip):
+                continue
             client = self._install(reg)
             client.restored = True
         await self.sweep()
