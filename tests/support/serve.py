@@ -13,16 +13,17 @@ import aiohttp
 from tests.support.net import free_port
 
 
-async def start(data_dir: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.Process,
-                                                              dict[str, int], str]:
-    """Start and wait for its ready line; returns (process, ports, what it printed)."""
+async def start(data_dir: Path, env: dict[str, str], *extra: str
+                ) -> tuple[asyncio.subprocess.Process, dict[str, int], str]:
+    """Start (`extra`: more `serve` flags) and wait for its ready line; returns (process,
+    ports, what it printed)."""
     ports = {"udp": free_port(2), "coap": free_port(2), "coaps": free_port(2),
              "http": free_port()}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "simwire.cli", "serve", "--data-dir", str(data_dir),
         "--host", "127.0.0.1", "--udp-port", str(ports["udp"]),
         "--coap-port", str(ports["coap"]), "--coaps-port", str(ports["coaps"]),
-        "--http-port", str(ports["http"]),
+        "--http-port", str(ports["http"]), *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     assert proc.stdout is not None
     printed = ""
