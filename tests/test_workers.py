@@ -200,3 +200,49 @@ async def _restarted(health: Any, old_pid: int) -> bool:
         if worker["index"] == 1:
             return bool(worker["pid"] != old_pid)
     return False
+
+
+@pytest.mark.timeout(120)
+async def test_lwm2m_downlinks_reach_the_worker_holding_the_registration(
+        tmp_path: Path) -> None:
+    """A device on worker 1 registers; read actions created through either worker all
+    succeed: worker 0 stores its requests SCHEDULED and hands them to worker 1, which
+    sends them from the device's socket. Each request is a new API connection, taken by
+    either worker: 12 of them all landing on worker 1 has a chance of 1 in 4096."""
+    from sdk_examples.lwm2m_client import Lwm2mClient
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMWIRE_")}
+    env.update(SIMWIRE_ADMIN_CLIENT_ID=ADMIN, SIMWIRE_ADMIN_CLIENT_SECRET=SECRET)
+    iccid, ip = "8988280666000000499", "127.0.0.43"
+    assert owner_index(ip, 2) == 1
+    async with aiohttp.ClientSession() as http:
+        proc, ports, _ = await start(tmp_path / "data", env, "--workers", "2")
+        try:
+            base = f"http://127.0.0.1:{ports['http']}"
+            bearer = {"Authorization": f"Bearer {await token(http, ports['http'], ADMIN, SECRET)}",
+                      "Connection": "close"}
+            async with http.post(f"{base}/v1/sims", headers=bearer, json={
+                    "iccid": iccid, "imsi": "901405100000499", "ip": ip}) as r:
+                assert r.status == 201
+            async with Lwm2mClient(iccid, ("127.0.0.1", ports["coap"]), bind=(ip, 0)) as dev:
+                assert await dev.register() == "2.01"
+                for _ in range(12):
+                    async with http.post(
+                            f"{base}/v1/integrate/devices/{iccid}/actions/LWM2M",
+                            headers=bearer, json={"action": "read",
+                                                  "resourceAddress": "/3/0/9"}) as r:
+                        assert r.status == 202, await r.text()
+                        request_id = (await r.json())["id"]
+
+                    async def outcome(rid: str = request_id) -> dict[str, Any] | None:
+                        async with http.get(f"{base}/v1/integrate/devices/actions/requests/{rid}",
+                                            headers=bearer) as r:
+                            body = dict(await r.json())
+                        return body if body["status"] not in ("SCHEDULED",
+                                                              "IN_PROGRESS") else None
+
+                    done = await eventually(outcome, timeout=10)
+                    assert done["status"] == "SUCCEEDED", done
+                    assert done["resultData"]["code"] == "205"
+        finally:
+            assert await stop(proc) == 0
