@@ -336,8 +336,9 @@ class Simwire:
 
     @property
     def _leader(self) -> bool:
-        """Delivers the outbox and runs retention: the only process, or worker 0."""
-        return self.worker is None or self.worker.leader
+        """Delivers the outbox and runs retention: the only process, or worker 0 (of the
+        machine configured as `leader`)."""
+        return self.config.leader and (self.worker is None or self.worker.leader)
 
     def _bind_udp(self, host: str, port: int, rcvbuf: int) -> socket.socket:
         if self.worker is not None:

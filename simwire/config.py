@@ -66,6 +66,9 @@ class Config:
     """Worker processes sharing the ports (SO_REUSEPORT, a device's source address always
     reaching the same one) under one supervisor that restarts a dead one (ADR 0009).
     At most 64; 1 runs everything in this process."""
+    leader: bool = True
+    """This machine delivers the outbox (webhooks, AWS) and runs retention (its worker 0).
+    Set false on every machine but one when several share a MongoDB store."""
     data_dir: Path = Path("data")
     """Where the embedded SQLite store lives (`simwire.db`)."""
     store: str = "sqlite"
