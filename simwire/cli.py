@@ -93,6 +93,14 @@ def _config(args: argparse.Namespace, names: tuple[str, ...]) -> Config:
     return load_config(args.config, flags=flags)
 
 
+def serve_config(args: argparse.Namespace) -> Config:
+    """The settings of `simwire serve`: file < environment < its flags."""
+    return _config(args, ("data_dir", "store", "host", "http_host", "udp_port", "coap_port",
+                          "coaps_port", "lwm2m_port", "lwm2m_coaps_port",
+                          "lwm2m_bootstrap_port", "lwm2m_bootstrap_coaps_port", "http_port",
+                          "workers", "log_level", "log_format"))
+
+
 class Progress:
     """A one-line progress bar on a terminal, a line per 10 % otherwise."""
 
@@ -210,10 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return _templates(args)
     try:
         if args.command == "serve":
-            cfg = _config(args, ("data_dir", "store", "host", "http_host", "udp_port",
-                                 "coap_port", "coaps_port", "lwm2m_port", "lwm2m_coaps_port",
-                                 "lwm2m_bootstrap_port", "lwm2m_bootstrap_coaps_port",
-                                 "http_port", "workers", "log_level", "log_format"))
+            cfg = serve_config(args)
         else:
             cfg = _config(args, ("data_dir", "store"))
     except (OSError, ValueError) as exc:

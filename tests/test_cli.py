@@ -74,3 +74,18 @@ def test_config_precedence(tmp_path: Path) -> None:
     assert (defaults.udp_port, defaults.coap_port, defaults.http_port) == (4445, 5683, 8080)
     with pytest.raises(ValueError, match="unknown setting 'colour'"):
         load_config(env={}, flags={"colour": "red"})
+
+
+def test_serve_flags_reach_the_config() -> None:
+    """Every `serve` flag is a setting (the LwM2M port flags once were parsed and dropped)."""
+    from simwire import cli
+
+    args = cli.build_parser().parse_args([
+        "serve", "--workers", "3", "--lwm2m-port", "15683", "--lwm2m-coaps-port", "15684",
+        "--lwm2m-bootstrap-port", "15685", "--lwm2m-bootstrap-coaps-port", "15686"])
+    cfg = cli.serve_config(args)
+    assert (cfg.workers, cfg.lwm2m_port, cfg.lwm2m_coaps_port, cfg.lwm2m_bootstrap_port,
+            cfg.lwm2m_bootstrap_coaps_port) == (3, 15683, 15684, 15685, 15686)
+    with pytest.raises(ValueError, match="workers: must be 1..64, got 0"):
+        load_config(env={"SIMWIRE_WORKERS": "0"})
+    assert not load_config(env={"SIMWIRE_LEADER": "false"}).leader
