@@ -1,6 +1,6 @@
 """Energy Saver decode benchmark: Simwire's compiled BCL decoders against hand-written ones.
 
-    .venv/bin/python -m bench.decode [--seconds S] [--rounds N] [--json]
+    .venv/bin/python -m bench.decode [--seconds S] [--rounds N] [--json] [--quick]
 
 Measures decodes/s of `Codec(bcl.parse(template)).decode(payload)` (energy_saver.codec) for
 templates of the shared vectors (../shared/spec/vectors/bcl.json relative to the repo root):
@@ -27,8 +27,10 @@ Timing: `time.perf_counter` around loops of 10 unrolled calls, garbage collector
 a loop (like timeit). Loop sizes are calibrated to ~--seconds (0.2) per decoder per round;
 --rounds (5) rounds alternate over every decoder (order reversed every other round), and
 each decoder's figure is the median of its rounds; ratios are computed from the medians.
-Default run ~15 s. Output: a table, then one summary line per template; --json prints one
-JSON object per row instead (then one per template summary).
+Default run ~15 s, --quick (3 rounds x ~0.1 s) ~6 s. Output: a table, then one summary
+line per template; --json prints one JSON object per row instead (then one per template
+summary). Either way the last line is one JSON object, `"kind": "result"`: the worst
+Simwire / hand-written ratio over every payload, that payload's two rates, the goal.
 """
 
 from __future__ import annotations
@@ -332,6 +334,7 @@ def report(rows: list[Row], args: argparse.Namespace, wall_s: float,
                 "python": platform.python_version(), "construct": cs.__version__,
                 "commit": git_commit(), "other_cpu_cores": other_cpu,
                 "wall_s": round(wall_s, 1)}}))
+        print_result(rows, ratio, summary, args, wall_s, other_cpu)
         return
     print(f"Simwire BCL decode benchmark: {args.rounds} rounds x ~{args.seconds:g} s per "
           f"decoder, median per decoder; Python {platform.python_version()}, construct "
@@ -352,16 +355,45 @@ def report(rows: list[Row], args: argparse.Namespace, wall_s: float,
                                                s["per_payload"].items())
         print(f"{s['template']}: simwire/hand-written = {s['ratio']:.2f} (goal >= {GOAL}: "
               f"{'MET' if s['goal_met'] else 'NOT MET'}{detail})")
+    print_result(rows, ratio, summary, args, wall_s, other_cpu)
+
+
+def print_result(rows: list[Row], ratio: dict[tuple[str, str, str], float],
+                 summary: list[dict[str, Any]], args: argparse.Namespace, wall_s: float,
+                 other_cpu: float | None) -> None:
+    """The last line: one JSON object for bench/run (the worst payload decides)."""
+    rate = {(r.template, r.payload, r.decoder): r.rate for r in rows}
+    t, p = min(((r.template, r.payload) for r in rows if r.decoder == SIMWIRE),
+               key=lambda tp: ratio[(tp[0], tp[1], SIMWIRE)])
+    worst = ratio[(t, p, SIMWIRE)]
+    print(json.dumps({
+        "kind": "result", "ratio": round(worst, 3), "goal": GOAL, "goal_met": worst >= GOAL,
+        "worst": {"template": t, "payload": p, "simwire_per_s": round(rate[(t, p, SIMWIRE)]),
+                  "hand_written_per_s": round(rate[(t, p, HAND)])},
+        "rows": [{"template": r.template, "payload": r.payload, "decoder": r.decoder,
+                  "decodes_per_s": round(r.rate),
+                  "ratio_vs_hand_written": round(ratio[(r.template, r.payload, r.decoder)], 3)}
+                 for r in rows],
+        "templates": summary,
+        "params": {"rounds": args.rounds, "seconds": args.seconds, "cpus": os.cpu_count(),
+                   "python": platform.python_version(), "construct": cs.__version__,
+                   "commit": git_commit(), "other_cpu_cores": other_cpu},
+        "wall_s": round(wall_s, 1)}, separators=(",", ":")))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=0.2,
-                    help="target seconds per decoder per round (default 0.2)")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    ap.add_argument("--seconds", type=float,
+                    help="target seconds per decoder per round (default 0.2, quick 0.1)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds (default 5, quick 3)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds x ~0.1 s (~6 s)")
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     ap.add_argument("--vectors", type=Path, default=VECTORS, help=f"default {VECTORS}")
     args = ap.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 0.1 if args.quick else 0.2
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
     if args.seconds <= 0 or args.rounds < 1:
         ap.error("--seconds must be > 0 and --rounds >= 1")
     vectors = load_vectors(args.vectors)

@@ -2,10 +2,12 @@
 (integrator.endpoints.dtls + python-mbedtls) next to libcoap's `coap-server-openssl`.
 
     .venv/bin/python bench/dtls.py [--duration 4] [--concurrency 16] [--rounds 3]
-                                   [--suite TLS-PSK-WITH-AES-128-CCM-8]
+                                   [--suite TLS-PSK-WITH-AES-128-CCM-8] [--workers N]
+                                   [--sources 4] [--quick]
 
-One run, on 127.0.0.1 only, the same client for both servers: a python-mbedtls DTLS 1.2
-PSK client process (asyncio, --concurrency workers, one UDP socket each):
+One run, on loopback only (servers on 127.0.0.1, clients from 127.0.0.1-127.0.0.<--sources>),
+the same client for both servers: a python-mbedtls DTLS 1.2 PSK client process (asyncio,
+--concurrency workers, one UDP socket each):
 
 1. handshakes: each worker does full handshakes in a loop (ClientHello, HelloVerifyRequest,
    ClientHello with cookie, ..., Finished), then close_notify so neither server keeps the
@@ -18,12 +20,23 @@ PSK client process (asyncio, --concurrency workers, one UDP socket each):
 
 Servers: `coap-server-openssl -A 127.0.0.1 -p P -k KEY -h ""` (DTLS on P+1, no identity
 hint, any identity) and this file with `--role simwire` (uvloop if installed; the per-IP
-handshake rate limit lifted, since all load comes from 127.0.0.1). Both use --suite,
+handshake rate limit lifted, since all load comes from a few addresses). Both use --suite,
 default TLS_PSK_WITH_AES_128_CCM_8 (0xC0A8): libcoap 4.3.1 + OpenSSL 3 answers the
 FreeRTOS suite 0x00AE with "no shared cipher". Server CPU seconds per phase are read from
 /proc, so "per server CPU-second" figures stay meaningful when the client is the
-bottleneck (2-core machines). Progress on stderr; a table and one JSON line on stdout.
-Every process is stopped (SIGTERM, then SIGKILL).
+bottleneck (2-core machines). Progress on stderr; a table and one JSON line on stdout
+(always the last line). Every process is stopped (SIGTERM, then SIGKILL).
+
+--workers N (default 1): the Simwire server runs as N processes sharing the port the way
+`simwire serve --workers N` does (simwire.workers.bind_group: N SO_REUSEPORT sockets with
+the classic BPF program steering each datagram by `source address % N`, so a DTLS session
+always stays in one process), each serving the same endpoint and trivial app as with N = 1;
+server CPU is summed over the parent and its worker processes. It is not `simwire serve`
+itself because serve's DTLS endpoints keep the deployed per-IP handshake limit (1/s, burst
+5, not configurable) and answer POSTs through the durable ingest pipeline. The client's
+sockets are bound to --sources addresses 127.0.0.1, 127.0.0.2, ... (round-robin, default 4)
+so that the steering spreads them over the workers; libcoap stays one process (the
+reference) and sees the same addresses. --quick: 2 s phases, 2 handshake rounds.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +59,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest import HOST, Server, note, running
+from bench.ingest import HOST, Server, note, running
 
 ICCID = "8988280666000000021"
 KEY = b"Sup3rSecretKey12"
@@ -64,8 +78,11 @@ def run_loop(coro: Any) -> Any:
 # --- the Simwire server (--role simwire) ------------------------------------------------
 
 
-async def serve_simwire() -> None:
+async def serve_simwire(fd: int | None = None) -> None:
+    """One Simwire DTLS endpoint; on the inherited socket `fd` (a worker of
+    `supervise_simwire`) or on a port of its own."""
     from integrator import coap
+    from integrator.endpoints.datagram import bind_udp
     from integrator.endpoints.dtls import DtlsConfig, DtlsTransport, serve
     from simwire.clock import SystemClock
     from simwire.metrics import Metrics
@@ -90,12 +107,19 @@ async def serve_simwire() -> None:
 
     class Psk:
         async def psk_for(self, ip: str) -> tuple[str, bytes] | None:
-            return (ICCID, KEY) if ip == HOST else None
+            return (ICCID, KEY) if ip.startswith("127.") else None
+
+    def inherited(host: str, port: int, rcvbuf: int) -> socket.socket:
+        assert fd is not None
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return sock
 
     metrics = Metrics()
     config = DtlsConfig(handshakes_per_ip_per_s=1e9, handshake_burst_per_ip=10**9,
                         max_handshakes=100_000, max_sessions=100_000)
-    server = await serve(HOST, 0, App(), Psk(), SystemClock(), metrics, config)
+    server = await serve(HOST, 0, App(), Psk(), SystemClock(), metrics, config,
+                         bind=bind_udp if fd is None else inherited)
     print(f"ready {server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,6 +129,52 @@ async def serve_simwire() -> None:
     for line in metrics.render().decode().splitlines():
         if line.startswith(("simwire_uplinks_total", "simwire_dtls_total")):
             print(line, file=sys.stderr)
+
+
+def supervise_simwire(workers: int) -> int:
+    """--role simwire --workers N: bind the port N times as `simwire serve --workers N`
+    does (SO_REUSEPORT + BPF steering by source address), run one `serve_simwire` process
+    per socket, print `ready PORT workers=N pids=...` once all are ready, stop them on
+    SIGTERM/SIGINT."""
+    from simwire.workers import bind_group
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    port, socks = bind_group(HOST, 0, workers)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for sock in socks:
+            fd = sock.fileno()
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--role", "simwire-worker", "--fd", str(fd)],
+                pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+        for proc in procs:
+            assert proc.stdout is not None
+            if not proc.stdout.readline().startswith(b"ready"):
+                print(f"worker pid {proc.pid} failed to start", file=sys.stderr)
+                return 1
+        pids = ",".join(str(p.pid) for p in procs)
+        print(f"ready {port} workers={workers} pids={pids}", flush=True)
+        while not stop.wait(0.5):
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                print(f"worker pid {dead[0].pid} exited ({dead[0].returncode})",
+                      file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for sock in socks:
+            sock.close()
 
 
 # --- the client (--role client) ----------------------------------------------------------
@@ -157,7 +227,7 @@ async def _handshake(buf: Any, conn: _Conn, limit_s: float) -> bool:
 
 
 async def client(port: int, mode: str, duration: float, concurrency: int, suite: str,
-                 method: str, path: str) -> dict[str, Any]:
+                 method: str, path: str, sources: int = 1) -> dict[str, Any]:
     from mbedtls import tls
 
     from integrator import coap
@@ -175,7 +245,8 @@ async def client(port: int, mode: str, duration: float, concurrency: int, suite:
     options.append((coap.OPT_URI_QUERY, b"t=test"))
 
     async def worker(i: int, stop_at: float) -> None:
-        _, conn = await loop.create_datagram_endpoint(_Conn, remote_addr=(HOST, port))
+        _, conn = await loop.create_datagram_endpoint(
+            _Conn, local_addr=(source_ip(i, sources), 0), remote_addr=(HOST, port))
         try:
             if mode == "handshake":
                 while loop.time() < stop_at:
@@ -238,10 +309,41 @@ async def client(port: int, mode: str, duration: float, concurrency: int, suite:
 # --- orchestration -------------------------------------------------------------------------
 
 
+def source_ip(i: int, sources: int) -> str:
+    """The address client socket `i` is bound to: 127.0.0.1 .. 127.0.0.<sources>."""
+    return f"127.0.0.{1 + i % max(1, sources)}"
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (from the ppid field of every /proc/*/stat)."""
+    parents: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:
+            continue
+        parents.setdefault(int(raw[raw.rfind(")") + 2:].split()[1]), []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, ()))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
+    """utime + stime of `pid` and its descendants (a server's worker processes)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += int(fields[11]) + int(fields[12])
+    return total / _CLK_TCK
 
 
 def free_port_pair() -> int:
@@ -265,7 +367,8 @@ def run_client(args: argparse.Namespace, port: int, mode: str, method: str, path
                duration: float) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--role", "client", "--port", str(port), "--mode", mode,
             "--duration", str(duration), "--concurrency", str(args.concurrency),
-            "--suite", args.suite, "--method", method, "--path", path]
+            "--suite", args.suite, "--method", method, "--path", path,
+            "--sources", str(args.sources)]
     proc = subprocess.run(argv, capture_output=True, timeout=duration + 60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"client failed: {proc.stderr.decode(errors='replace')[-2000:]}")
@@ -284,34 +387,61 @@ def measure(args: argparse.Namespace, pid: int, port: int, mode: str, method: st
 
 
 def wait_handshake(args: argparse.Namespace, port: int, name: str) -> None:
+    """Until one handshake from each source address (so from every worker) completes."""
     deadline = time.monotonic() + 15
+    n = max(1, args.sources)
     while time.monotonic() < deadline:
-        r = run_client(argparse.Namespace(concurrency=1, suite=args.suite), port,
+        r = run_client(argparse.Namespace(concurrency=n, suite=args.suite, sources=n), port,
                        "handshake", "post", "", 0.3)
-        if r["done"]:
+        if r["done"] >= n and not r["errors"]:
             return
     raise RuntimeError(f"{name}: no DTLS handshake within 15 s")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--role", choices=["bench", "simwire", "client"], default="bench")
-    ap.add_argument("--duration", type=float, default=4.0, help="seconds per phase")
+    ap.add_argument("--role", choices=["bench", "simwire", "simwire-worker", "client"],
+                    default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--duration", type=float,
+                    help="seconds per phase (default 4, quick 2)")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="handshake rounds per server")
+    ap.add_argument("--rounds", type=int, help="handshake rounds per server (default 3, "
+                                               "quick 2)")
     ap.add_argument("--suite", default="TLS-PSK-WITH-AES-128-CCM-8")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--mode", choices=["handshake", "request"], default="handshake")
-    ap.add_argument("--method", choices=["post", "put"], default="post")
-    ap.add_argument("--path", default="")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="Simwire server processes sharing the port (SO_REUSEPORT steered "
+                         "by source address, as simwire serve --workers N); default 1")
+    ap.add_argument("--sources", type=int, default=4,
+                    help="client source addresses 127.0.0.1..N, round-robin (default 4)")
+    ap.add_argument("--quick", action="store_true", help="2 s phases, 2 rounds (~25 s)")
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=["handshake", "request"], default="handshake",
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--method", choices=["post", "put"], default="post",
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--path", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role == "simwire":
+        if args.workers > 1:
+            return supervise_simwire(args.workers)
         run_loop(serve_simwire())
         return 0
+    if args.role == "simwire-worker":
+        run_loop(serve_simwire(args.fd))
+        return 0
+    if args.duration is None:
+        args.duration = 2.0 if args.quick else 4.0
     if args.role == "client":
         print(json.dumps(run_loop(client(args.port, args.mode, args.duration, args.concurrency,
-                                         args.suite, args.method, args.path))))
+                                         args.suite, args.method, args.path, args.sources))))
         return 0
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
+    if not 1 <= args.workers <= 64 or args.sources < 1 or args.rounds < 1:
+        ap.error("--workers must be 1..64, --sources and --rounds >= 1")
+    if args.sources < args.workers:
+        note(f"--sources {args.sources} < --workers {args.workers}: some workers get no load")
 
     exe = shutil.which(LIBCOAP)
     if exe is None:
@@ -321,9 +451,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="simwire-dtls-bench-"))
     base = free_port_pair()
     libcoap_argv = [exe, "-A", HOST, "-p", str(base), "-k", KEY.decode(), "-h", "", "-v", "0"]
-    simwire_argv = [sys.executable, __file__, "--role", "simwire"]
-    note(f"{os.cpu_count()} CPUs; {args.duration:.0f} s phases, concurrency "
-         f"{args.concurrency}, suite {args.suite}")
+    simwire_argv = [sys.executable, __file__, "--role", "simwire", "--workers",
+                    str(args.workers)]
+    note(f"{os.cpu_count()} CPUs; {args.duration:g} s phases, concurrency "
+         f"{args.concurrency} from {args.sources} source addresses, suite {args.suite}, "
+         f"Simwire workers {args.workers}")
     try:
         with running(lambda: Server("libcoap", libcoap_argv, "\0", work / "libcoap.log")
                      ) as lib, running(lambda: Server("simwire", simwire_argv, "ready",
@@ -351,6 +483,9 @@ def main() -> int:
                 note(f"requests {name}: {r['per_s']:,.0f}/s p50 {r['p50_ms']} ms p99 "
                      f"{r['p99_ms']} ms (errors {r['errors']}, server {r['server_cores']} "
                      f"cores)")
+    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+        note(f"benchmark failed: {exc}")
+        return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -365,9 +500,9 @@ def main() -> int:
     cpu_ratio = hs_cpu_sim / hs_cpu_lib if hs_cpu_lib else 0.0
     rq_lib, rq_sim = req["libcoap"], req["simwire"]
     rq_ratio = rq_sim["per_s"] / rq_lib["per_s"] if rq_lib["per_s"] else 0.0
-    print(f"Simwire DTLS benchmark: {args.duration:.0f} s phases, {args.rounds} handshake "
-          f"rounds, client concurrency {args.concurrency}, suite {args.suite}, "
-          f"{os.cpu_count()} CPUs")
+    print(f"Simwire DTLS benchmark: {args.duration:g} s phases, {args.rounds} handshake "
+          f"rounds, client concurrency {args.concurrency} from {args.sources} addresses, "
+          f"suite {args.suite}, Simwire workers {args.workers}, {os.cpu_count()} CPUs")
     print(f"{'measurement':<34}{'libcoap':>14}{'Simwire':>14}{'ratio':>9}")
     print(f"{'PSK handshakes/s':<34}{hs_lib:>14,.0f}{hs_sim:>14,.0f}{ratio:>8.2f}x"
           f"   goal >= 1.0x: {'MET' if ratio >= 1.0 else 'NOT MET'}")
@@ -390,9 +525,13 @@ def main() -> int:
         "handshake_cpu_ratio": round(cpu_ratio, 3),
         "requests_per_s": {"libcoap": rq_lib["per_s"], "simwire": rq_sim["per_s"]},
         "request_ratio": round(rq_ratio, 3),
+        "requests_per_server_cpu_s": {"libcoap": rq_lib["per_server_cpu_s"],
+                                      "simwire": rq_sim["per_server_cpu_s"]},
+        "workers": args.workers,
         "handshake_runs": hs, "request_runs": req,
         "params": {"duration_s": args.duration, "concurrency": args.concurrency,
-                   "rounds": args.rounds, "suite": args.suite, "cpus": os.cpu_count()},
+                   "rounds": args.rounds, "suite": args.suite, "cpus": os.cpu_count(),
+                   "workers": args.workers, "sources": args.sources, "quick": args.quick},
         "wall_s": round(time.monotonic() - started, 1),
     }))
     return 0

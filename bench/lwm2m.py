@@ -1,6 +1,7 @@
 """LwM2M registration benchmark: registrations/s and RSS per registered client.
 
     .venv/bin/python bench/lwm2m.py [--clients N] [--step N] [--concurrency N] [--quick]
+                                    [--workers N]
 
 One run, on 127.0.0.1 and 127.x.y.z only (Linux routes all of 127.0.0.0/8 to loopback, so
 each simulated client registers from an address of its own, as the SIM registry requires):
@@ -27,6 +28,12 @@ socket bound to its client's address, sends, waits for the ACK (CoAP retransmiss
 doubling timeouts, failures counted), closes. At most --concurrency requests are
 outstanding. Progress goes to stderr; stdout gets the result table, then one JSON line.
 Every server subprocess is stopped (SIGTERM, then SIGKILL) whatever happens.
+
+--workers N (default 1) runs `simwire serve --workers N`: the clients' addresses spread
+over the workers (`owner_index`: address % N), and every RSS and CPU figure of Simwire is
+the sum over the supervisor and its worker processes (found by ppid in /proc): the extra
+interpreters raise the idle RSS (and so the RSS at 100k), not the RSS per registered
+client. The baseline responder stays one process.
 """
 
 from __future__ import annotations
@@ -312,27 +319,60 @@ def run_load(server: tuple[str, int], jobs: Sequence[Job], concurrency: int, *,
 # --- process figures -------------------------------------------------------------------------
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (from the ppid field of every /proc/*/stat): a
+    `simwire serve --workers N` supervisor and its workers."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(raw[raw.rfind(")") + 2:].split()[1]), []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
 def server_cpu_s(pid: int | None, main_thread: bool = False) -> float | None:
-    """utime + stime of a process (all its threads, or only its main thread), seconds;
-    None if unknown."""
+    """utime + stime of a process and its descendants (all their threads, or only each
+    one's main thread), seconds; None if unknown."""
     if pid is None:
         return None
-    try:
-        raw = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
-                   ).read_text()
-    except OSError:
-        return None
-    f = raw[raw.rfind(")") + 2:].split()
-    return (int(f[11]) + int(f[12])) / _CLK_TCK
+    ticks = 0
+    found = False
+    for p in process_tree(pid):
+        try:
+            raw = Path(f"/proc/{p}/task/{p}/stat" if main_thread else f"/proc/{p}/stat"
+                       ).read_text()
+        except OSError:
+            continue
+        f = raw[raw.rfind(")") + 2:].split()
+        ticks += int(f[11]) + int(f[12])
+        found = True
+    return ticks / _CLK_TCK if found else None
 
 
 def proc_status_kib(pid: int, *keys: str) -> dict[str, int]:
-    """Memory lines of /proc/PID/status (VmRSS, VmHWM, RssAnon, ...) in KiB."""
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in keys:
-            out[name] = int(value.split()[0])
+    """Memory lines of /proc/PID/status (VmRSS, VmHWM, RssAnon, ...) in KiB, summed over
+    the process and its descendants."""
+    out = dict.fromkeys(keys, 0)
+    for p in process_tree(pid):
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            if p == pid:
+                raise
+            continue
+        for line in text.splitlines():
+            name, _, value = line.partition(":")
+            if name in keys:
+                out[name] += int(value.split()[0])
     return out
 
 
@@ -426,6 +466,7 @@ class Params:
     warmup: int
     rcvbuf: int
     settle_s: float
+    workers: int = 1
 
 
 def load(p: Params, server: tuple[str, int], jobs: Sequence[Job], expect: int,
@@ -504,7 +545,8 @@ def simwire_server(p: Params, data_dir: Path) -> Server:
     env.pop("SIMWIRE_SQLITE_SYNCHRONOUS", None)  # the durable default (FULL)
     argv = [sys.executable, "-m", "simwire.cli", "serve", "--data-dir", str(data_dir),
             "--host", HOST, "--udp-port", str(udp), "--coap-port", str(coap_port),
-            "--coaps-port", str(coaps), "--http-port", str(web), "--log-level", "WARNING"]
+            "--coaps-port", str(coaps), "--http-port", str(web), "--log-level", "WARNING",
+            "--workers", str(p.workers)]
     return Server("simwire", argv, "simwire ready", p.work_dir / "simwire.log", env)
 
 
@@ -517,7 +559,8 @@ def phase_simwire(p: Params, data_dir: Path) -> dict[str, Any]:
         target = (HOST, ports.get("lwm2m", ports["coap"]))  # its own port if it has one
         time.sleep(p.settle_s)
         idle = proc_status_kib(pid, "VmRSS", "RssAnon")
-        note(f"Simwire idle: VmRSS {idle['VmRSS'] / 1024:.1f} MiB (pid {pid}, ports {ports})")
+        note(f"Simwire idle: VmRSS {idle['VmRSS'] / 1024:.1f} MiB (pids "
+             f"{','.join(map(str, process_tree(pid)))}, ports {ports})")
         steps: list[Step] = []
         locations: dict[int, str] = {}
         prev = idle["VmRSS"]
@@ -648,7 +691,8 @@ def report(p: Params, import_s: float, base: dict[str, Any], sw: dict[str, Any],
     ]
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     print(f"Simwire LwM2M registration benchmark: {p.clients:,} clients in steps of {p.step:,}, "
-          f"concurrency {p.concurrency}, lt={LIFETIME_S}, links {p.links!r}, "
+          f"concurrency {p.concurrency}, Simwire workers {p.workers} (RSS and CPU summed "
+          f"over its processes), lt={LIFETIME_S}, links {p.links!r}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, wall {wall_s:.0f} s, "
           f"commit {git_commit()}")
     print(f"SIM import (simwire sims import, synchronous=OFF): {p.clients:,} SIMs in "
@@ -688,7 +732,7 @@ def report(p: Params, import_s: float, base: dict[str, Any], sw: dict[str, Any],
         else round(per_client_kib * 10_000 / 1024, 2),
         "rss_at_100k_kib": None if goal_kib is None else round(goal_kib),
         "rss_at_100k_measured": at_goal is not None,
-        "goal_met": goal_met, "held": held,
+        "goal_met": goal_met, "held": held, "workers": p.workers,
         "verify": verify, "stored_registrations": sw["stored_registrations"],
         "server_duplicates": sw["server_duplicates"],
         "steps": [{"clients": s.clients, "rss_kib": s.rss_kib, "delta_kib": s.delta_kib,
@@ -697,6 +741,7 @@ def report(p: Params, import_s: float, base: dict[str, Any], sw: dict[str, Any],
         "params": {"clients": p.clients, "step": p.step, "concurrency": p.concurrency,
                    "links": p.links, "timeout_s": p.timeout_s,
                    "max_retransmit": p.max_retransmit, "verify": p.verify,
+                   "workers": p.workers,
                    "lifetime_s": LIFETIME_S, "cpus": os.cpu_count(),
                    "python": platform.python_version(), "commit": git_commit()},
         "other_cpu_cores": other_cpu, "wall_s": round(wall_s, 1),
@@ -724,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="baseline warm-up registrations (default 1000)")
     ap.add_argument("--rcvbuf", type=int, default=4 * 1024 * 1024,
                     help="responder SO_RCVBUF, bytes (default 4 MiB = Simwire's CoAP port)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="simwire serve --workers N (default 1); RSS and CPU are summed over "
+                         "the supervisor and its workers")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir and logs")
     ap.add_argument("--role", choices=["bench", "responder"], default="bench",
                     help=argparse.SUPPRESS)
@@ -733,15 +781,15 @@ def main(argv: list[str] | None = None) -> int:
         run_loop(serve_responder(a.port, a.rcvbuf))
         return 0
     clients = a.clients or (20_000 if a.quick else 100_000)
-    if clients < 1 or a.step < 1 or a.concurrency < 1:
-        ap.error("--clients, --step and --concurrency must be >= 1")
+    if clients < 1 or a.step < 1 or a.concurrency < 1 or not 1 <= a.workers <= 64:
+        ap.error("--clients, --step and --concurrency must be >= 1, --workers 1..64")
     if clients > 254 * 256 * 254:
         ap.error("at most 16,516,096 clients (addresses 127.1.0.1 to 127.254.255.254)")
     work_dir = Path(tempfile.mkdtemp(prefix="simwire-bench-lwm2m-"))
     p = Params(work_dir=work_dir, clients=clients, step=a.step,
                concurrency=raise_fd_limit(a.concurrency), links=a.links, timeout_s=a.timeout,
                max_retransmit=a.retransmits, verify=a.verify, warmup=a.warmup,
-               rcvbuf=a.rcvbuf, settle_s=2.0)
+               rcvbuf=a.rcvbuf, settle_s=2.0, workers=a.workers)
     phases = Phases()
     t0 = time.monotonic()
     try:
