@@ -57,7 +57,7 @@ from simwire.auth import TokenService
 from simwire.clock import Clock, SystemClock
 from simwire.config import Config
 from simwire.http import build_api
-from simwire.metrics import Metrics
+from simwire.metrics import Metrics, SharedMetrics
 from simwire.model import LogCategory, LogType, Protocol, Sim
 from simwire.ports import Store, Translator
 from simwire.storage import open_store
@@ -391,6 +391,18 @@ class Simwire:
         })
         peers.start()
         self._stack.callback(peers.stop)
+        shared = self.metrics.shared = SharedMetrics(worker.metrics_dir, worker.index)
+
+        async def snapshot_metrics() -> None:  # for the scrapes the other workers answer
+            while True:
+                try:
+                    shared.snapshot(self.metrics.registry)
+                except OSError as exc:
+                    log.warning("metrics snapshot failed: %s", exc)
+                await asyncio.sleep(1.0)
+
+        task = asyncio.get_running_loop().create_task(snapshot_metrics(), name="metrics")
+        self._stack.push_async_callback(_cancel, task)
 
     def _dtls_refused(self, ip: str, reason: str) -> None:
         """A DTLS peer got no session (the endpoint rate-limits this per IP)."""

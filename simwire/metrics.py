@@ -6,11 +6,14 @@ error...). Endpoints and the pipeline receive a `Metrics` instance from simwire.
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
@@ -130,5 +133,75 @@ class Metrics:
             ["integration"], buckets=DELIVERY_BUCKETS, registry=self.registry,
         )
 
+        self.shared: SharedMetrics | None = None
+        """Set in a worker of `--workers N`: `render` then answers for every worker."""
+
     def render(self) -> bytes:
+        """`GET /metrics`: this process's series, or with `shared`, every worker's."""
+        if self.shared is not None:
+            return self.shared.render(self.registry)
         return generate_latest(self.registry)
+
+
+class _Families:
+    """A collector yielding fixed metric families (for `generate_latest`)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+class SharedMetrics:
+    """The metrics of all the workers of one supervisor: each worker writes its series,
+    labelled `worker="<index>"`, to `<directory>/w<index>.prom` (`snapshot`, every second
+    from simwire.app); a scrape, on whichever worker accepts it, merges its live series
+    with the other workers' latest snapshots (at most about a second old). Sum over the
+    `worker` label for machine totals."""
+
+    def __init__(self, directory: Path, index: int) -> None:
+        self._dir = directory
+        self._index = index
+        self._label = str(index)
+
+    def _own(self, registry: CollectorRegistry) -> list[Metric]:
+        out: list[Metric] = []
+        for family in registry.collect():
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = [s._replace(labels={**s.labels, "worker": self._label})
+                            for s in family.samples]
+            out.append(copy)
+        return out
+
+    def snapshot(self, registry: CollectorRegistry) -> None:
+        """Write this worker's series (atomically: a reader never sees half a file)."""
+        text = generate_latest(_registry(self._own(registry)))
+        tmp = self._dir / f".w{self._index}.prom.{os.getpid()}"
+        tmp.write_bytes(text)
+        tmp.replace(self._dir / f"w{self._index}.prom")
+
+    def render(self, registry: CollectorRegistry) -> bytes:
+        merged: dict[str, Metric] = {}
+        sources = [self._own(registry)]
+        for path in sorted(self._dir.glob("w*.prom")):
+            if path.name == f"w{self._index}.prom":
+                continue
+            try:
+                sources.append(list(text_string_to_metric_families(path.read_text())))
+            except (OSError, ValueError):
+                continue  # a worker being restarted: its next snapshot will do
+        for families in sources:
+            for family in families:
+                into = merged.get(family.name)
+                if into is None:
+                    merged[family.name] = into = Metric(
+                        family.name, family.documentation, family.type, family.unit)
+                into.samples.extend(family.samples)
+        return generate_latest(_registry(merged.values()))
+
+
+def _registry(families: Iterable[Metric]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return registry

@@ -26,13 +26,16 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from integrator.endpoints.datagram import bind_udp
@@ -193,6 +196,8 @@ class WorkerContext:
     peers: Peers
     ready_fd: int
     lifeline_fd: int
+    metrics_dir: Path
+    """Where the workers' metrics snapshots meet (simwire.metrics.SharedMetrics)."""
     pid: int = field(default_factory=os.getpid)
 
     @property
@@ -257,7 +262,8 @@ class WorkerContext:
         peers = Peers(spec["index"], adopt(spec["inbox"]),
                       [adopt(fd) for fd in spec["outboxes"]])
         return cls(spec["index"], spec["count"], dict(spec["ports"]), udp,
-                   adopt(spec["http"]), peers, spec["ready"], spec["lifeline"])
+                   adopt(spec["http"]), peers, spec["ready"], spec["lifeline"],
+                   Path(spec["metrics"]))
 
 
 # -- the supervisor ------------------------------------------------------------------------
@@ -328,11 +334,13 @@ class Supervisor:
         self.restarts = 0
         self._stopping = False
         self._lifeline_r, self._lifeline_w = os.pipe()
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="simwire-metrics-"))
 
     async def _spawn(self, index: int) -> tuple[asyncio.subprocess.Process, bool]:
         """Start worker `index`; returns once it is ready (True) or has died (False)."""
         ready_r, ready_w = os.pipe()
-        spec = self.sockets.spec(index, self.count, ready_w, self._lifeline_r)
+        spec = {**self.sockets.spec(index, self.count, ready_w, self._lifeline_r),
+                "metrics": str(self.metrics_dir)}
         env = {**os.environ, ENV: json.dumps(spec)}
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -408,6 +416,7 @@ class Supervisor:
             os.close(self._lifeline_w)
             os.close(self._lifeline_r)
             self.sockets.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     async def _stop_all(self) -> None:
         live = [p for p in self.procs if p is not None and p.returncode is None]

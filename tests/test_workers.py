@@ -190,6 +190,21 @@ async def test_sigkill_one_of_two_workers_loses_no_acked_message(tmp_path: Path)
                 return {base64.b64decode(r.json["payload"]["value"]) for r in hook.accepted}
 
             await eventually(lambda: expected <= delivered(), timeout=60)
+
+            # /metrics, answered by either worker, has both workers' series: worker 0 (never
+            # killed, deduplicating retransmissions) stored exactly the even devices' messages
+            async def stored_by_worker() -> dict[str, float] | None:
+                async with http.get(f"{base}/metrics", headers={"Connection": "close"}) as r:
+                    text = await r.text()
+                counts = {}
+                for line in text.splitlines():
+                    if (line.startswith("simwire_uplinks_total{")
+                            and 'outcome="stored"' in line and 'protocol="COAP"' in line):
+                        counts[line.split('worker="')[1].split('"')[0]] = float(line.split()[-1])
+                return counts if set(counts) == {"0", "1"} else None
+
+            counts = await eventually(stored_by_worker, timeout=10)
+            assert counts["0"] == DEVICES // 2 * PER_DEVICE
         finally:
             assert await stop(proc) == 0
 
