@@ -86,6 +86,6 @@ def test_serve_flags_reach_the_config() -> None:
     cfg = cli.serve_config(args)
     assert (cfg.workers, cfg.lwm2m_port, cfg.lwm2m_coaps_port, cfg.lwm2m_bootstrap_port,
             cfg.lwm2m_bootstrap_coaps_port) == (3, 15683, 15684, 15685, 15686)
-    with pytest.raises(ValueError, match="workers: must be 1..64, got 0"):
+    with pytest.raises(ValueError, match=r"workers: must be 1\.\.64, got 0"):
         load_config(env={"SIMWIRE_WORKERS": "0"})
     assert not load_config(env={"SIMWIRE_LEADER": "false"}).leader
