@@ -149,37 +149,48 @@ class BlockTransfers:
         return len(self._open)
 
 
-class Reply:
-    """A request's outcome: what to send, or a marker while the pipeline still works."""
+class Pending:
+    """A dedup entry whose request is still being worked on (pipeline or route); replaced
+    by the reply's bytes once they are sent."""
 
-    __slots__ = ("data",)
+    __slots__ = ()
 
-    def __init__(self, data: bytes | None) -> None:
-        self.data = data
+
+DedupKey = tuple[str, int, int]
 
 
 class DedupCache:
-    """(peer, MID) -> reply for EXCHANGE_LIFETIME; insertion order is expiry order."""
+    """(peer, MID) -> the reply sent, for EXCHANGE_LIFETIME; insertion order is expiry order.
+
+    An answered entry holds only the reply's bytes (with its key tuples, no object the
+    garbage collector has to scan: the cache holds up to `max_entries` of them for
+    minutes); a request still in the works holds its `Pending` marker."""
 
     def __init__(self, clock: Clock, lifetime_s: float, max_entries: int) -> None:
         self._clock = clock
         self._lifetime = lifetime_s
         self._max = max_entries
-        self._entries: dict[tuple[str, int, int], Reply] = {}
-        self._order: deque[tuple[float, tuple[str, int, int]]] = deque()
+        self._entries: dict[DedupKey, bytes | Pending] = {}
+        self._order: deque[tuple[float, DedupKey]] = deque()
 
-    def get(self, key: tuple[str, int, int]) -> Reply | None:
+    def get(self, key: DedupKey) -> bytes | Pending | None:
         self._expire()
         return self._entries.get(key)
 
-    def put(self, key: tuple[str, int, int]) -> Reply:
-        reply = Reply(None)
-        self._entries[key] = reply
+    def put(self, key: DedupKey, value: bytes | Pending) -> None:
+        """A new exchange: its reply, or its `Pending` marker until `settle`."""
+        self._entries[key] = value
         self._order.append((self._clock.monotonic() + self._lifetime, key))
         if len(self._order) > self._max:
             _, old = self._order.popleft()
             self._entries.pop(old, None)
-        return reply
+
+    def settle(self, key: DedupKey, pending: Pending, data: bytes) -> None:
+        """`pending`'s reply is sent: duplicates get `data` from now on (unless the entry
+        was forgotten meanwhile, or replaced by a newer exchange with the same key)."""
+        entries = self._entries
+        if entries.get(key) is pending:
+            entries[key] = data
 
     def _expire(self) -> None:
         now = self._clock.monotonic()
@@ -190,6 +201,38 @@ class DedupCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class _IngestReply(Pending):
+    """An ingest request in the pipeline: its dedup marker and the pipeline's `done`.
+
+    One small object per message instead of a closure with its cells (fewer objects for
+    the garbage collector while the message waits for its commit); it keeps what the
+    reply needs (type, MID, token), not the parsed request."""
+
+    __slots__ = ("_addr", "_endpoint", "_key", "_mid", "_mtype", "_token")
+
+    def __init__(self, endpoint: CoapServerProtocol, key: DedupKey, addr: tuple[str, int],
+                 msg: coap.Message) -> None:
+        self._endpoint = endpoint
+        self._key = key
+        self._addr = addr
+        self._mtype = msg.mtype
+        self._mid = msg.mid
+        self._token = msg.token
+
+    def __call__(self, ack: Ack) -> None:  # after the commit (or the refusal)
+        code = _ACK_CODES[ack]
+        token = self._token
+        endpoint = self._endpoint
+        if self._mtype == coap.CON:  # the hot case: a bare piggy-backed ACK
+            mid = self._mid
+            data = bytes((0x60 | len(token), code, mid >> 8, mid & 0xFF)) + token
+        else:
+            data = endpoint._response(coap.Message(self._mtype, code, self._mid, token),
+                                      code, b"")
+        endpoint._dedup.settle(self._key, self, data)
+        endpoint._send(data, self._addr)
 
 
 class CoapServerProtocol(asyncio.DatagramProtocol):
@@ -260,12 +303,12 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         seen = self._dedup.get(key)
         if seen is not None:
             self._count_duplicate()
-            if seen.data is not None:
-                self._send(seen.data, addr)
+            if type(seen) is bytes:
+                self._send(seen, addr)
             return  # still in the pipeline: the reply follows
         self._handle(msg, addr, key)
 
-    def _handle(self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int]) -> None:
+    def _handle(self, msg: coap.Message, addr: tuple[str, int], key: DedupKey) -> None:
         path: list[str] = []
         query: list[str] = []
         block1: bytes | None = None
@@ -317,13 +360,8 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         if self._pipeline.inflight >= self.config.max_inflight:
             self._count_overloaded()
             return  # no dedup entry: the device's retransmission is a fresh attempt
-        pending = self._dedup.put(key)
-
-        def answer(ack: Ack) -> None:  # after the commit (or the refusal)
-            data = self._response(msg, _ACK_CODES[ack], b"")
-            pending.data = data
-            self._send(data, addr)
-
+        answer = _IngestReply(self, key, addr, msg)
+        self._dedup.put(key, answer)
         identity = self._identity(addr) if self._identity is not None else None
         self._pipeline.submit(
             RawUplink(self._protocol, addr[0], addr[1], msg.payload, self._clock.now_ms(), topic,
@@ -331,7 +369,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
             answer,
         )
 
-    def _route_block(self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int],
+    def _route_block(self, msg: coap.Message, addr: tuple[str, int], key: DedupKey,
                      handler: RouteHandler, raw: bytes, uri: tuple[str, ...]) -> None:
         """One Block1 block of a request to a route: 2.31 Continue until the last, then
         the route gets the whole body (its reply echoes the last Block1)."""
@@ -359,9 +397,10 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._answer_route(whole, addr, key, handler, ((coap.OPT_BLOCK1, raw),))
 
     def _answer_route(self, msg: coap.Message, addr: tuple[str, int],
-                      key: tuple[str, int, int], handler: RouteHandler,
+                      key: DedupKey, handler: RouteHandler,
                       echo: tuple[tuple[int, bytes], ...] = ()) -> None:
-        pending = self._dedup.put(key)
+        pending = Pending()
+        self._dedup.put(key, pending)
         identity = self._identity(addr) if self._identity is not None else None
 
         async def run() -> None:
@@ -374,7 +413,7 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
                 log.exception("CoAP route %s failed for %s", msg.options, addr[0])
                 data = self._response(msg, coap.INTERNAL_SERVER_ERROR, b"")
                 reply = None
-            pending.data = data
+            self._dedup.settle(key, pending, data)
             self._send(data, addr)
             if reply is not None and reply.after is not None:
                 reply.after()
@@ -385,11 +424,11 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
 
 
     def _finish(
-        self, msg: coap.Message, addr: tuple[str, int], key: tuple[str, int, int], code: int,
+        self, msg: coap.Message, addr: tuple[str, int], key: DedupKey, code: int,
         diagnostic: str, options: list[tuple[int, bytes]] | None = None,
     ) -> None:
         data = self._response(msg, code, diagnostic.encode(), options)
-        self._dedup.put(key).data = data
+        self._dedup.put(key, data)
         self._send(data, addr)
 
     def _response(

@@ -178,9 +178,12 @@ class _Op:
 
     fn: Callable[[sqlite3.Connection], Any] | None
     record: IngestRecord | None
-    done: Callable[[bool, Any], None]
-    """Called on `loop` after the commit: (True, result) or (False, exception)."""
+    done: Callable[[bool, Any], None] | None
+    """A closure's: called on `loop` after the commit, (True, result) or (False, exception)."""
     loop: asyncio.AbstractEventLoop
+    committed: Callable[[BaseException | None], None] | None = None
+    """A record's (the `IngestStore.submit` callback itself, no adapter per message):
+    called on `loop` after the commit with None, or the exception."""
 
 
 _STOP = object()
@@ -194,7 +197,10 @@ class SqliteDatabase:
             raise ValueError(f"bad sqlite synchronous mode {synchronous!r}")
         self.path = path
         self.synchronous = synchronous.upper()
-        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Op | list[_Op] | object] = queue.SimpleQueue()
+        self._submitted: list[_Op] = []
+        """Records submitted during the current event-loop iteration: handed to the writer
+        together by `_flush` (one queue put and one writer wake-up per burst)."""
         self._writer: threading.Thread | None = None
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-read")
         self._local = threading.local()
@@ -226,6 +232,7 @@ class SqliteDatabase:
     def close(self) -> None:
         self._closed = True
         if self._writer is not None:
+            self._flush()
             self._queue.put(_STOP)
             self._writer.join()
             self._writer = None
@@ -239,15 +246,29 @@ class SqliteDatabase:
         """Run `fn` in the writer's next transaction; returns after the commit."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        self._flush()  # records submitted before it stay ahead of it
         self._queue.put(_Op(fn, None, partial(_resolve, fut), loop))
         return await fut
 
     def submit(
-        self, record: IngestRecord, done: Callable[[bool, Any], None],
+        self, record: IngestRecord, done: Callable[[BaseException | None], None],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        """Queue an uplink's record; all records of one commit share one INSERT per table."""
-        self._queue.put(_Op(None, record, done, loop))
+        """Queue an uplink's record; all records of one commit share one INSERT per table.
+        `done(None)` runs on `loop` after the commit, `done(exc)` if it failed. Called on
+        `loop`'s thread: the records of one loop iteration (a burst of datagrams) reach the
+        writer together, at the end of the iteration, so that it does not wake up (and
+        take the GIL from the loop) for the first of them while the loop still parses the
+        others."""
+        submitted = self._submitted
+        submitted.append(_Op(None, record, None, loop, done))
+        if len(submitted) == 1:
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._submitted:
+            ops, self._submitted = self._submitted, []
+            self._queue.put(ops)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -269,9 +290,16 @@ class SqliteDatabase:
                 first = self._queue.get()
                 if first is _STOP:
                     return
-                batch: list[_Op] = [first]  # type: ignore[list-item]
+                batch: list[_Op] = []
+                nxt = first
                 stop = False
-                while len(batch) < MAX_BATCH:
+                while True:
+                    if isinstance(nxt, list):
+                        batch += nxt
+                    else:
+                        batch.append(nxt)  # type: ignore[arg-type]
+                    if len(batch) >= MAX_BATCH:
+                        break
                     try:
                         nxt = self._queue.get_nowait()
                     except queue.Empty:
@@ -279,7 +307,6 @@ class SqliteDatabase:
                     if nxt is _STOP:
                         stop = True
                         break
-                    batch.append(nxt)  # type: ignore[arg-type]
                 self._run_batch(conn, batch)
                 if stop:
                     return
@@ -293,11 +320,16 @@ class SqliteDatabase:
             conn.execute("BEGIN IMMEDIATE")
             records = [op for op in batch if op.record is not None]
             if records:
+                # the records go first, without a savepoint of their own: if they fail,
+                # rolling back the whole (so far records-only) transaction undoes them
                 rows = [op.record for op in records if op.record is not None]
                 try:
-                    queued = _isolated(conn, lambda: _write_records(conn, rows)) > 0
+                    queued = _write_records(conn, rows) > 0
                     results += [(op, True, None) for op in records]
                 except Exception:  # find the culprit: one savepoint per record
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
                     for op in records:
                         item = _run_one(conn, op)
                         queued |= item[1] and bool(item[2])
@@ -366,9 +398,22 @@ def _run_one(conn: sqlite3.Connection, op: _Op) -> tuple[_Op, bool, Any]:
 def _settle(items: list[tuple[_Op, bool, Any]]) -> None:
     for op, ok, value in items:
         try:
-            op.done(ok, value)
+            committed = op.committed
+            if committed is not None:
+                committed(None if ok else value)
+            elif op.done is not None:
+                op.done(ok, value)
         except Exception:
             log.exception("write completion callback failed")
+
+
+def _committed(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
 
 
 def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -526,12 +571,12 @@ class SqliteStore:
     # -- IngestStore -------------------------------------------------------------------
 
     def submit(self, record: IngestRecord, done: Callable[[BaseException | None], None]) -> None:
-        self.db.submit(record, lambda ok, value: done(None if ok else value), self._loop)
+        self.db.submit(record, done, self._loop)
 
     async def append(self, record: IngestRecord) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self.db.submit(record, partial(_resolve, fut), loop)
+        self.db.submit(record, partial(_committed, fut), loop)
         await fut
 
     # -- HistoryRepository ---------------------------------------------------------------
@@ -1240,8 +1285,10 @@ def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:
 
     The outbox is filled by one INSERT ... SELECT joining the new events with the
     subscriptions table, in this transaction: whatever the integrations are at commit time
-    is what the events are queued for, with any number of writer processes. The records'
-    savings are summed per (org, day, protocol, ICCID) first, then upserted once per key.
+    is what the events are queued for, with any number of writer processes (the same read
+    that finds the last event before the batch tells whether there is any subscription
+    at all: if not, the join is skipped). The records' savings are summed per (org, day,
+    protocol, ICCID) first, then upserted once per key.
 
     Few statements matter more than few rows: the sqlite3 module gives up the GIL around
     every step, and taking it back competes with the event loop thread, so `executemany`
@@ -1267,7 +1314,8 @@ def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:
             kept = states.get(key)
             if kept is None or st.updated_ms >= kept[4]:  # equal times: the later one wins
                 states[key] = (st.iccid, st.protocol.value, st.payload, st.topic, st.updated_ms)
-        logs += [_log_row(e) for e in record.logs]
+        if record.logs:
+            logs += [_log_row(e) for e in record.logs]
         sv = record.saving
         if sv is not None:
             counts = savings.setdefault((sv.org, sv.day, sv.protocol.value, sv.iccid), [0, 0, 0])
@@ -1276,14 +1324,16 @@ def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:
             counts[2] += sv.optimized_bytes
     queued = 0
     if events:
-        last = c.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+        last, subscribed = c.execute(
+            "SELECT max(seq), EXISTS (SELECT 1 FROM subscriptions) FROM events").fetchone()
         _insert_rows(c, "INSERT INTO events (id, type, org, iccid, protocol, topic, "
                         "received_ms, history, envelope) VALUES ", events)
-        queued = c.execute(
-            "INSERT INTO outbox (integration, seq) SELECT s.integration, e.seq FROM events e "
-            "JOIN subscriptions s ON s.org = e.org AND s.type = e.type WHERE e.seq > ?",
-            (last,),
-        ).rowcount
+        if subscribed:
+            queued = c.execute(
+                "INSERT INTO outbox (integration, seq) SELECT s.integration, e.seq FROM "
+                "events e JOIN subscriptions s ON s.org = e.org AND s.type = e.type "
+                "WHERE e.seq > ?", (last or 0,),
+            ).rowcount
     _insert_rows(c, "INSERT INTO device_state VALUES ", list(states.values()),
                  " ON CONFLICT (iccid, protocol) DO UPDATE SET payload = excluded.payload, "
                  "topic = excluded.topic, updated_ms = excluded.updated_ms "

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from integrator import coap
-from integrator.endpoints.coap import CONTINUE, REQUEST_ENTITY_INCOMPLETE, BlockTransfers
+from integrator.endpoints import coap as coap_endpoint
+from integrator.endpoints.coap import (
+    CONTINUE,
+    REQUEST_ENTITY_INCOMPLETE,
+    BlockTransfers,
+    DedupCache,
+    Pending,
+)
+from integrator.pipeline import Ack
 from simwire.app import Simwire
 from simwire.clock import ManualClock
-from simwire.model import Sim
+from simwire.metrics import Metrics
+from simwire.model import RawUplink, Sim
 from tests.support.net import UdpClient
 from tests.support.simwire import running
 from tests.support.tools import require_binary
@@ -259,3 +269,70 @@ def test_block1_transfers_expire_and_are_bounded() -> None:
     assert blocks.add(("c",), coap.Block(2, False, 0), b"!", None) == (
         b"x" * 16 + b"z" * 16 + b"!")
     assert len(blocks) == 0
+
+
+def test_dedup_cache_holds_answered_replies_as_bytes(clock: ManualClock) -> None:
+    cache = DedupCache(clock, 247.0, max_entries=2)
+    a, b, c = ("10.0.0.1", 5683, 1), ("10.0.0.1", 5683, 2), ("10.0.0.1", 5683, 3)
+    pending = Pending()
+    cache.put(a, pending)
+    assert cache.get(a) is pending
+    cache.settle(a, pending, b"reply")
+    assert cache.get(a) == b"reply"
+    assert not gc.is_tracked(cache.get(a))  # nothing for the collector per exchange
+    cache.settle(a, Pending(), b"other")  # not this entry's marker: ignored
+    assert cache.get(a) == b"reply"
+    late = Pending()
+    cache.put(b, late)
+    cache.put(c, b"direct")  # over max_entries: the oldest (a) is forgotten
+    assert cache.get(a) is None and len(cache) == 2
+    cache.settle(a, pending, b"again")  # an answer for a forgotten exchange stays out
+    assert cache.get(a) is None and len(cache) == 2
+    cache.settle(b, late, b"late")
+    assert cache.get(b) == b"late"
+    clock.advance(247)
+    assert cache.get(b) is None and cache.get(c) is None and len(cache) == 0
+
+
+class HeldPipeline:
+    """Keeps each uplink's `done` until the test commits it."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.got: list[tuple[RawUplink, Callable[[Ack], None] | None]] = []
+
+    def submit(self, raw: RawUplink, done: Callable[[Ack], None] | None = None) -> None:
+        self.got.append((raw, done))
+
+
+@pytest.mark.parametrize("mtype", [coap.CON, coap.NON])
+async def test_duplicate_while_in_the_pipeline_waits_then_gets_the_same_reply(
+        clock: ManualClock, mtype: int) -> None:
+    pipeline = HeldPipeline()
+    proto = coap_endpoint.CoapServerProtocol(
+        pipeline, clock, Metrics(), coap_endpoint.CoapConfig())  # type: ignore[arg-type]
+    server = await coap_endpoint.serve("127.0.0.1", 0, proto)
+    dev = await UdpClient.open(("127.0.0.1", server.port))
+    try:
+        post = req(mtype, coap.POST, 0x1234, b"\x0a\x0b", [(coap.OPT_URI_QUERY, b"t=x")], b"p")
+        dev.send(post)
+        await dev.expect_silence(0.05)  # not committed yet: no reply
+        dev.send(post)  # a retransmission while in the pipeline: no second submit, no reply
+        await dev.expect_silence(0.05)
+        assert len(pipeline.got) == 1
+        raw, done = pipeline.got[0]
+        assert (raw.payload, raw.topic) == (b"p", "x") and done is not None
+        done(Ack.UNAUTHORIZED)
+        first = await dev.recv()
+        reply = coap.parse(first)
+        assert (reply.code, reply.token, reply.payload, reply.options) == (
+            coap.UNAUTHORIZED, b"\x0a\x0b", b"", [])
+        if mtype == coap.CON:
+            assert first == b"\x62\x81\x12\x34\x0a\x0b"  # piggy-backed ACK 4.01
+        else:
+            assert reply.mtype == coap.NON and reply.mid != 0x1234
+        assert await dev.request(post) == first  # the duplicate gets the very same bytes
+        assert len(pipeline.got) == 1
+    finally:
+        server.close()
+        dev.close()
