@@ -44,6 +44,11 @@ from typing import Any, TypeVar
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 DEFAULT_LOAD_GEN = REPO.parent / "shared" / "tools" / "coap_load.py"
+SOURCES = BENCH_DIR / "sources.py"
+if str(REPO) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
+    sys.path.insert(0, str(REPO))
+from bench.sources import source_ips  # noqa: E402
+
 HOST = "127.0.0.1"
 ADMIN_ID = "bench-admin"
 ADMIN_SECRET = "bench-secret-" + base64.urlsafe_b64encode(os.urandom(12)).decode()
@@ -141,8 +146,8 @@ def running(server_factory: Callable[[], Server]) -> Iterator[Server]:
 
 def load_gen(cfg: Config, args: list[str], duration: float) -> dict[str, Any]:
     """Run coap_load.py --json; returns its JSON object."""
-    argv = [sys.executable, str(cfg.load_gen), "--host", HOST, "--json",
-            "--payload-size", str(cfg.payload_size), *args]
+    argv = [sys.executable, str(SOURCES), str(cfg.sources), str(cfg.load_gen), "--host", HOST,
+            "--json", "--payload-size", str(cfg.payload_size), *args]
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                              check=False)
@@ -172,7 +177,8 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return exc.code, exc.read()
 
 
-def register_sim(http_port: int) -> None:
+def register_sim(http_port: int, sources: int = 1) -> None:
+    """The SIMs of the load generator's source addresses (bench/sources.py)."""
     base = f"http://{HOST}:{http_port}"
     basic = base64.b64encode(f"{ADMIN_ID}:{ADMIN_SECRET}".encode()).decode()
     status, raw = http("POST", f"{base}/oauth/token", {"grant_type": "client_credentials"},
@@ -180,9 +186,12 @@ def register_sim(http_port: int) -> None:
     if status != 200:
         raise RuntimeError(f"POST /oauth/token -> {status}: {raw[:300]!r}")
     token = json.loads(raw)["access_token"]
-    status, raw = http("POST", f"{base}/v1/sims", SIM, {"Authorization": f"Bearer {token}"})
-    if status not in (200, 201):
-        raise RuntimeError(f"POST /v1/sims -> {status}: {raw[:300]!r}")
+    for i, ip in enumerate(source_ips(sources)):
+        sim = {"iccid": f"{SIM['iccid'][:-3]}{i + 1:03d}", "imsi": f"{SIM['imsi'][:-3]}{i + 1:03d}",
+               "ip": ip}
+        status, raw = http("POST", f"{base}/v1/sims", sim, {"Authorization": f"Bearer {token}"})
+        if status not in (200, 201):
+            raise RuntimeError(f"POST /v1/sims -> {status}: {raw[:300]!r}")
 
 
 def uplink_counters(http_port: int) -> dict[tuple[str, str], float]:
@@ -195,7 +204,8 @@ def uplink_counters(http_port: int) -> dict[tuple[str, str], float]:
         m = _METRIC_RE.match(line)
         if m:
             labels = dict(_LABEL_RE.findall(m.group(1)))
-            out[(labels.get("protocol", ""), labels.get("outcome", ""))] = float(m.group(2))
+            key = (labels.get("protocol", ""), labels.get("outcome", ""))
+            out[key] = out.get(key, 0.0) + float(m.group(2))  # summed over `worker`
     return out
 
 
@@ -216,14 +226,15 @@ def wait_settled(http_port: int, key: tuple[str, str], timeout: float = 60.0,
 
 def simwire_server(cfg: Config, tag: str) -> Server:
     data_dir = Path(tempfile.mkdtemp(prefix=f"simwire-{tag}-", dir=cfg.work_dir))
-    udp, coap, web = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM), free_port(
-        socket.SOCK_STREAM)
+    udp, coap, coaps = (free_port(socket.SOCK_DGRAM) for _ in range(3))
+    web = free_port(socket.SOCK_STREAM)
     env = dict(os.environ, SIMWIRE_ADMIN_CLIENT_ID=ADMIN_ID,
                SIMWIRE_ADMIN_CLIENT_SECRET=ADMIN_SECRET)
     env.pop("SIMWIRE_SQLITE_SYNCHRONOUS", None)  # the durable default (FULL)
     argv = [sys.executable, "-m", "simwire.cli", "serve", "--data-dir", str(data_dir),
             "--host", HOST, "--udp-port", str(udp), "--coap-port", str(coap),
-            "--http-port", str(web), "--log-level", "WARNING"]
+            "--coaps-port", str(coaps), "--http-port", str(web), "--log-level", "WARNING",
+            "--workers", str(cfg.workers)]
     return Server(f"simwire[{tag}]", argv, "simwire ready", cfg.work_dir / f"simwire-{tag}.log",
                   env)
 
@@ -485,6 +496,15 @@ class Config:
     max_probes: int
     rcvbuf: int
     drain_grace: float
+    profile: Path | None = None
+    """--profile: py-spy the Simwire server during the CoAP run (4), write the samples here."""
+    profile_rate: int = 200
+    profile_native: bool = False
+    profile_gil: bool = False
+    workers: int = 1
+    """`simwire serve --workers N`."""
+    sources: int = 1
+    """Source addresses the load generator sends from (bench/sources.py)."""
 
 
 def phase_raw_udp(cfg: Config) -> Search:
@@ -496,7 +516,7 @@ def phase_simwire_udp(cfg: Config) -> Search:
     note(f"(2) Simwire UDP lossless ingest: {cfg.probe_s:g} s probes")
     with running(lambda: simwire_server(cfg, "udp")) as server:
         ports = simwire_ports(server)
-        register_sim(ports["http"])
+        register_sim(ports["http"], cfg.sources)
         warm_up_udp(ports)
         return find_lossless(simwire_udp_probe(cfg, ports), cfg.threshold_pct, cfg.max_probes)
 
@@ -567,10 +587,12 @@ def phase_simwire_coap(cfg: Config) -> dict[str, Any]:
     note(f"(4) Simwire CoAP CON POST /: concurrency {cfg.concurrency}, {cfg.duration:g} s")
     with running(lambda: simwire_server(cfg, "coap")) as server:
         ports = simwire_ports(server)
-        register_sim(ports["http"])
+        register_sim(ports["http"], cfg.sources)
         check_coap(coap_run(cfg, ports["coap"], "", 1.0, concurrency=1), "Simwire")
         before = uplink_counters(ports["http"])
-        r = coap_run(cfg, ports["coap"], "", cfg.duration)
+        with profiling(cfg, server.proc.pid, "simwire-coap") as prof:
+            r = coap_run(cfg, ports["coap"], "", cfg.duration)
+            prof.count = int(r.get("ok", 0))
         after, _ = wait_settled(ports["http"], STORED_COAP)
         r["stored_delta"] = int(after.get(STORED_COAP, 0) - before.get(STORED_COAP, 0))
     note(f"simwire coap: {r['ok_per_s']:,.0f} req/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
@@ -593,6 +615,171 @@ def git_commit() -> str | None:
                            capture_output=True, text=True, timeout=5, check=False).stdout
     return out.stdout.strip() + ("+dirty" if dirty.strip() else "") if out.returncode == 0 \
         else None
+
+
+# --- profiling (--profile) -------------------------------------------------------------------
+
+PROFILE_CATEGORIES: tuple[tuple[str, str, str], ...] = (
+    # (category, path fragment, function name or "" for any); the first rule matched by a
+    # sample's frames, from the innermost frame outwards, names the sample's category.
+    ("event loop / syscalls", "endpoints/coap.py", "_send"),
+    ("event loop / syscalls", "endpoints/datagram.py", ""),
+    ("event loop / syscalls", "endpoints/udp.py", "_send"),
+    ("metrics", "simwire/metrics.py", ""),
+    ("logging", "logging/", ""),
+    ("logging", "simwire/logs.py", ""),
+    ("SIM lookup", "authenticator/", ""),
+    ("translate", "energy_saver/", ""),
+    ("event build", "simwire/model.py", ""),
+    ("event build", "integrator/pipeline.py", "_build"),
+    ("event build", "integrator/pipeline.py", "first_registration"),
+    ("store / commit", "simwire/storage/", ""),
+    ("store / commit", "sqlite3/", ""),
+    ("pipeline (submit, ack)", "integrator/pipeline.py", ""),
+    ("CoAP parse / reply", "integrator/coap.py", ""),
+    ("CoAP parse / reply", "integrator/endpoints/coap.py", ""),
+    ("UDP endpoint", "integrator/endpoints/udp.py", ""),
+    ("outbox / dispatcher", "integrator/forwarders/", ""),
+    ("event loop / syscalls", "asyncio/", ""),
+    ("event loop / syscalls", "uvloop", ""),
+    ("event loop / syscalls", "selectors.py", ""),
+    ("threads / queue", "threading.py", ""),
+    ("threads / queue", "queue.py", ""),
+    ("threads / queue", "concurrent/", ""),
+)
+_FRAME_RE = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+class _Profile:
+    def __init__(self) -> None:
+        self.count = 0
+        """Requests answered during the recording (set by the caller), for CPU per request."""
+
+
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """Thread id -> CPU seconds (utime + stime) of every thread of `pid` (Linux)."""
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            raw = (task / "stat").read_text()
+        except OSError:
+            continue
+        f = raw[raw.rfind(")") + 2:].split()
+        out[int(task.name)] = (int(f[11]) + int(f[12])) / _CLK_TCK
+    return out
+
+
+@contextlib.contextmanager
+def profiling(cfg: Config, pid: int, tag: str) -> Iterator[_Profile]:
+    """With --profile: `py-spy record` on `pid` while the body runs (collapsed stacks with
+    thread names: load into speedscope or flamegraph.pl), then a text summary next to it
+    (threads, CPU per request, categories, top functions by own and inclusive samples)."""
+    prof = _Profile()
+    if cfg.profile is None:
+        yield prof
+        return
+    cfg.profile.mkdir(parents=True, exist_ok=True)
+    raw_path = cfg.profile / f"{tag}.collapsed.txt"
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    argv = [spy, "record", "--pid", str(pid), "--duration", str(max(1, round(cfg.duration))),
+            "--rate", str(cfg.profile_rate), "--format", "raw", "--threads",
+            "--output", str(raw_path)]
+    if cfg.profile_native:
+        argv.append("--native")
+    if cfg.profile_gil:
+        argv.append("--gil")
+    cpu0, t0 = _thread_cpu(pid), time.monotonic()
+    rec = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield prof
+    finally:
+        cpu1, wall = _thread_cpu(pid), time.monotonic() - t0
+        try:
+            _, err = rec.communicate(timeout=cfg.duration + 30)
+        except subprocess.TimeoutExpired:
+            rec.kill()
+            _, err = rec.communicate()
+        if rec.returncode != 0 or not raw_path.exists():
+            note(f"py-spy failed ({rec.returncode}): {err.decode(errors='replace')[-500:]}")
+        else:
+            cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
+            text = profile_summary(raw_path.read_text(), cpu, wall, prof.count,
+                                   " ".join(argv))
+            summary = cfg.profile / f"{tag}.summary.txt"
+            summary.write_text(text)
+            note(f"profile: {raw_path} (collapsed stacks) and {summary}:\n"
+                 + "\n".join(text.splitlines()[:40]))
+
+
+def _category(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        m = _FRAME_RE.match(frame)
+        fn, file = (m.group("fn"), m.group("file")) if m else (frame, "")
+        for cat, frag, func in PROFILE_CATEGORIES:
+            if frag in file and (not func or fn.endswith(func)):
+                return cat
+    return "other"
+
+
+def profile_summary(collapsed: str, cpu_by_tid: dict[int, float], wall: float, count: int,
+                    command: str, top: int = 25) -> str:
+    """Text summary of py-spy's raw (collapsed) output recorded with --threads; the CPU
+    seconds of each thread (by id, from /proc) are named after py-spy's thread names."""
+    names: dict[int, str] = {}
+    threads: dict[str, int] = {}
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    cats: dict[str, dict[str, int]] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, n_text = line.rpartition(" ")
+        if not stack or not n_text.isdigit():
+            continue
+        n = int(n_text)
+        parts = stack.split(";")
+        head, _, thread = parts[0].partition(": ")
+        frames = parts[1:]
+        thread = "main" if thread == "MainThread" else re.sub(r"_\d+$", "", thread)
+        m = re.search(r"\((\d+)\)", head)
+        if m:
+            names[int(m.group(1))] = thread
+        total += n
+        threads[thread] = threads.get(thread, 0) + n
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+        per = cats.setdefault(thread, {})
+        cat = _category(frames)
+        per[cat] = per.get(cat, 0) + n
+    if not total:
+        return f"no samples ({command})\n"
+
+    def pct(n: int) -> str:
+        return f"{100.0 * n / total:5.1f} %"
+
+    cpu: dict[str, float] = {}
+    for tid, seconds in cpu_by_tid.items():
+        name = names.get(tid, "other threads")
+        cpu[name] = cpu.get(name, 0.0) + seconds
+    busy = sum(cpu.values())
+    lines = [f"py-spy: {command}",
+             f"{total} samples; {count:,} requests in {wall:.1f} s; "
+             f"server CPU {busy:.2f} s = {busy / wall:.2f} cores"
+             + (f" = {1e6 * busy / count:.1f} us per request" if count else ""),
+             "CPU by thread (/proc): " + ", ".join(
+                 f"{k} {v:.2f} s" + (f" ({1e6 * v / count:.1f} us/req)" if count else "")
+                 for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0),
+             "", "samples by thread and category:"]
+    for thread, per in sorted(cats.items(), key=lambda kv: -threads[kv[0]]):
+        lines.append(f"  {thread:<24} {pct(threads[thread])}")
+        for cat, n in sorted(per.items(), key=lambda kv: -kv[1]):
+            lines.append(f"      {cat:<28} {pct(n)}")
+    lines += ["", f"top {top} functions by own samples (innermost frame):"]
+    lines += [f"  {pct(n)}  {f}" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    lines += ["", f"top {top} functions by inclusive samples:"]
+    lines += [f"  {pct(n)}  {f}" for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines) + "\n"
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -674,6 +861,7 @@ def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
                    "concurrency": cfg.concurrency, "payload_size": cfg.payload_size,
                    "loss_threshold_pct": cfg.threshold_pct, "rcvbuf": cfg.rcvbuf,
                    "drain_grace_s": cfg.drain_grace, "cpus": os.cpu_count(),
+                   "workers": cfg.workers, "sources": cfg.sources,
                    "python": platform.python_version(), "commit": git_commit()},
         "other_cpu_cores": other_cpu,
         "raw_udp_probes": [p.row() for p in raw.probes],
@@ -703,6 +891,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-gen", type=Path, default=DEFAULT_LOAD_GEN,
                     help=f"coap_load.py (default {DEFAULT_LOAD_GEN})")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir and logs")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="py-spy the Simwire server during the CoAP run (4): collapsed stacks "
+                         "(speedscope / flamegraph.pl input) and a text summary in DIR")
+    ap.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s (200)")
+    ap.add_argument("--profile-native", action="store_true",
+                    help="py-spy --native (C frames of uvloop, sqlite3, the kernel calls)")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="py-spy --gil: only samples holding the GIL (Python CPU; without it "
+                         "py-spy also counts threads blocked in C calls such as fsync)")
+    ap.add_argument("--workers", type=int, default=1, help="simwire serve --workers N (1)")
+    ap.add_argument("--sources", type=int, default=8,
+                    help="source addresses 127.0.0.1..N the load comes from, in every phase "
+                         "(8; --workers steers by source address)")
     a = ap.parse_args(argv)
     if not a.load_gen.is_file():
         ap.error(f"load generator not found: {a.load_gen}")
@@ -714,7 +915,9 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=a.concurrency, payload_size=a.payload_size,
         threshold_pct=a.loss_threshold,
         max_probes=max(1, a.max_probes or (4 if a.quick else 6)), rcvbuf=a.rcvbuf,
-        drain_grace=a.drain_grace,
+        drain_grace=a.drain_grace, profile=a.profile, profile_rate=a.profile_rate,
+        profile_native=a.profile_native, profile_gil=a.profile_gil,
+        workers=a.workers, sources=a.sources,
     )
     phases = Phases()
     t0 = time.monotonic()
