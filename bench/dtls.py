@@ -59,7 +59,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ingest import HOST, Server, note, running
+from bench.ingest import HOST, Server, note, process_tree, running
 
 ICCID = "8988280666000000021"
 KEY = b"Sup3rSecretKey12"
@@ -312,25 +312,6 @@ async def client(port: int, mode: str, duration: float, concurrency: int, suite:
 def source_ip(i: int, sources: int) -> str:
     """The address client socket `i` is bound to: 127.0.0.1 .. 127.0.0.<sources>."""
     return f"127.0.0.{1 + i % max(1, sources)}"
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its live descendants (from the ppid field of every /proc/*/stat)."""
-    parents: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            raw = (d / "stat").read_text()
-        except OSError:
-            continue
-        parents.setdefault(int(raw[raw.rfind(")") + 2:].split()[1]), []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(parents.get(p, ()))
-    return out
 
 
 def cpu_seconds(pid: int) -> float:

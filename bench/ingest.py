@@ -296,6 +296,20 @@ def _ours(table: dict[int, tuple[int, int, int]]) -> set[int]:
     return keep
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (a `simwire serve --workers N` supervisor and its
+    workers), from the ppid field of every /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _, _) in (_proc_table() or {}).items():
+        children.setdefault(ppid, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
 class OtherCpu:
     """CPU seconds used by processes outside this benchmark's tree, between two snapshots."""
 

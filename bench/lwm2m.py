@@ -73,6 +73,7 @@ from bench.ingest import (
     free_port,
     git_commit,
     note,
+    process_tree,
     running,
     simwire_ports,
     uplink_counters,
@@ -317,26 +318,6 @@ def run_load(server: tuple[str, int], jobs: Sequence[Job], concurrency: int, *,
 
 
 # --- process figures -------------------------------------------------------------------------
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its live descendants (from the ppid field of every /proc/*/stat): a
-    `simwire serve --workers N` supervisor and its workers."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            raw = (d / "stat").read_text()
-        except OSError:
-            continue
-        children.setdefault(int(raw[raw.rfind(")") + 2:].split()[1]), []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, ()))
-    return out
 
 
 def server_cpu_s(pid: int | None, main_thread: bool = False) -> float | None:

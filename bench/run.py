@@ -35,7 +35,9 @@ from typing import Any, TextIO
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+if str(REPO) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
+    sys.path.insert(0, str(REPO))
+from bench.ingest import OtherCpu  # noqa: E402
 
 
 def note(msg: str) -> None:
@@ -250,56 +252,6 @@ BENCHES = [
 
 
 # --- running one benchmark -------------------------------------------------------------------
-
-
-def _proc_table() -> dict[int, tuple[int, int, int]]:
-    """pid -> (ppid, starttime, utime + stime ticks)."""
-    table: dict[int, tuple[int, int, int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            raw = (d / "stat").read_text()
-        except OSError:
-            continue
-        f = raw[raw.rfind(")") + 2:].split()
-        table[int(d.name)] = (int(f[1]), int(f[19]), int(f[11]) + int(f[12]))
-    return table
-
-
-def _ours(table: dict[int, tuple[int, int, int]]) -> set[int]:
-    keep = {os.getpid(), 2}  # this process, its descendants, kernel threads
-    grew = True
-    while grew:
-        grew = False
-        for pid, (ppid, _, _) in table.items():
-            if ppid in keep and pid not in keep:
-                keep.add(pid)
-                grew = True
-    return keep
-
-
-class OtherCpu:
-    """Cores used by processes outside this run's process tree between two snapshots
-    (other people's benchmarks on a shared machine skew every figure)."""
-
-    def __init__(self) -> None:
-        self._t0 = time.monotonic()
-        self._start = _proc_table()
-
-    def cores(self) -> float | None:
-        end = _proc_table()
-        wall = time.monotonic() - self._t0
-        if wall <= 0:
-            return None
-        skip = _ours(self._start) | _ours(end)
-        ticks = 0
-        for pid, (_, start_time, cpu) in end.items():
-            if pid in skip:
-                continue
-            before = self._start.get(pid)
-            ticks += cpu if before is None or before[1] != start_time else cpu - before[2]
-        return round(ticks / _CLK_TCK / wall, 2)
 
 
 @dataclass
