@@ -42,7 +42,6 @@ import os
 import platform
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +56,10 @@ from energy_saver import bcl
 from energy_saver.codec import Codec, f32_shortest, js_number
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
+    sys.path.insert(0, str(REPO))
+from bench.ingest import git_commit  # noqa: E402
+
 VECTORS = REPO.parent / "shared/spec/vectors/bcl.json"
 GOAL = 0.5
 UNROLL = 10
@@ -277,20 +280,6 @@ class OtherCpu:
             return None
         other = (busy - self._busy0) - (self._ours() - self._ours0)
         return round(max(0.0, other) / wall, 2)
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                             capture_output=True, text=True, timeout=5, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, capture_output=True, text=True, timeout=5,
-                               check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
 
 
 # --- report ----------------------------------------------------------------------------------

@@ -620,15 +620,18 @@ def check_coap(r: dict[str, Any], name: str) -> None:
 
 
 def git_commit() -> str | None:
+    """The checked-out commit, `+dirty` with uncommitted changes to tracked files."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                             capture_output=True, text=True, timeout=5, check=False)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, timeout=5, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True, timeout=5,
+                               check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True, timeout=5, check=False).stdout
-    return out.stdout.strip() + ("+dirty" if dirty.strip() else "") if out.returncode == 0 \
-        else None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
 
 
 # --- profiling (--profile) -------------------------------------------------------------------

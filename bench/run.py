@@ -37,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 if str(REPO) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(REPO))
-from bench.ingest import OtherCpu  # noqa: E402
+from bench.ingest import OtherCpu, git_commit  # noqa: E402
 
 
 def note(msg: str) -> None:
@@ -438,20 +438,6 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu_model": model, "mem_mib": mem,
             "kernel": platform.release(), "python": platform.python_version(),
             "loadavg_at_start": os.getloadavg()}
-
-
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, timeout=5, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, capture_output=True, text=True, timeout=5,
-                               check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
 
 
 def main(argv: list[str] | None = None) -> int:
