@@ -19,7 +19,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from integrator.controller import Controller, DownlinkSockets
 from integrator.endpoints import coap as coap_endpoint
 from integrator.endpoints import dtls as dtls_endpoint
 from integrator.endpoints import udp as udp_endpoint
-from integrator.endpoints.datagram import bind_udp
+from integrator.endpoints.datagram import BindUdp, bind_udp
 from integrator.forwarders import api as integrations_api
 from integrator.forwarders.dispatcher import Dispatcher, ForwarderConfig
 from integrator.forwarders.service import Integrations, Limits
@@ -106,6 +105,8 @@ class Simwire:
         self.config = config
         self.worker = worker
         """Set in a worker process of `--workers N`."""
+        self._bind_udp: BindUdp = bind_udp if worker is None else worker.bind_udp
+        """How endpoints get their sockets: bound here, or inherited from the supervisor."""
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self._translator = translator
@@ -339,11 +340,6 @@ class Simwire:
         """Delivers the outbox and runs retention: the only process, or worker 0 (of the
         machine configured as `leader`)."""
         return self.config.leader and (self.worker is None or self.worker.leader)
-
-    def _bind_udp(self, host: str, port: int, rcvbuf: int) -> socket.socket:
-        if self.worker is not None:
-            return self.worker.bind_udp(host, port, rcvbuf)
-        return bind_udp(host, port, rcvbuf)
 
     def _tell_leader(self, kind: str) -> None:
         """The dispatcher of a worker other than 0: new outbox events / integrations."""

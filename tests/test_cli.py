@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -12,13 +11,13 @@ import pytest
 
 from simwire.config import Config, load_config
 from tests.support.net import UdpClient
-from tests.support.serve import start, stop, token
+from tests.support.serve import clean_env, start, stop, token
 
 ICCID = "8988280666000000081"
 
 
 async def test_serve_restart_keeps_everything(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMWIRE_")}
+    env = clean_env()
     data = tmp_path / "data"
     proc, ports, printed = await start(data, env)
     try:

@@ -20,7 +20,7 @@ from integrator import coap
 from simwire.workers import Peers, bind_group, owner_index
 from tests.support.net import UdpClient
 from tests.support.pki import make_pki
-from tests.support.serve import start, stop, token
+from tests.support.serve import clean_env, start, stop, token
 from tests.support.simwire import eventually
 from tests.support.webhook import receiver
 
@@ -101,9 +101,8 @@ PER_DEVICE = 40
 @pytest.mark.timeout(180)
 async def test_sigkill_one_of_two_workers_loses_no_acked_message(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMWIRE_")}
-    env.update(SIMWIRE_ADMIN_CLIENT_ID=ADMIN, SIMWIRE_ADMIN_CLIENT_SECRET=SECRET,
-               SIMWIRE_WEBHOOK_CA_FILE=str(pki.ca_cert))
+    env = clean_env(SIMWIRE_ADMIN_CLIENT_ID=ADMIN, SIMWIRE_ADMIN_CLIENT_SECRET=SECRET,
+                    SIMWIRE_WEBHOOK_CA_FILE=str(pki.ca_cert))
     async with receiver(pki) as hook, aiohttp.ClientSession() as http:
         proc, ports, printed = await start(tmp_path / "data", env, "--workers", "2")
         try:
@@ -226,8 +225,7 @@ async def test_lwm2m_downlinks_reach_the_worker_holding_the_registration(
     either worker: 12 of them all landing on worker 1 has a chance of 1 in 4096."""
     from sdk_examples.lwm2m_client import Lwm2mClient
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMWIRE_")}
-    env.update(SIMWIRE_ADMIN_CLIENT_ID=ADMIN, SIMWIRE_ADMIN_CLIENT_SECRET=SECRET)
+    env = clean_env(SIMWIRE_ADMIN_CLIENT_ID=ADMIN, SIMWIRE_ADMIN_CLIENT_SECRET=SECRET)
     iccid, ip = "8988280666000000499", "127.0.0.43"
     assert owner_index(ip, 2) == 1
     async with aiohttp.ClientSession() as http:

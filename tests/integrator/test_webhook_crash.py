@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +12,7 @@ import aiohttp
 from integrator import coap
 from tests.support.net import UdpClient
 from tests.support.pki import make_pki
-from tests.support.serve import kill, start, stop, token
+from tests.support.serve import clean_env, kill, start, stop, token
 from tests.support.simwire import eventually
 from tests.support.webhook import receiver
 
@@ -24,9 +23,8 @@ PER_DEVICE = 60
 
 async def test_kill_9_mid_delivery_loses_nothing(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMWIRE_")}
-    env.update(SIMWIRE_ADMIN_CLIENT_ID=ADMIN, SIMWIRE_ADMIN_CLIENT_SECRET=SECRET,
-               SIMWIRE_WEBHOOK_CA_FILE=str(pki.ca_cert), SIMWIRE_DELIVERY_CONCURRENCY="2")
+    env = clean_env(SIMWIRE_ADMIN_CLIENT_ID=ADMIN, SIMWIRE_ADMIN_CLIENT_SECRET=SECRET,
+                    SIMWIRE_WEBHOOK_CA_FILE=str(pki.ca_cert), SIMWIRE_DELIVERY_CONCURRENCY="2")
     data = tmp_path / "data"
     async with receiver(pki) as hook, aiohttp.ClientSession() as http:
         hook.delay_s = 0.01  # slower than ingest: a backlog builds up in the outbox

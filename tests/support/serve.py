@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import signal
 import sys
 from pathlib import Path
@@ -11,6 +12,13 @@ from pathlib import Path
 import aiohttp
 
 from tests.support.net import free_port
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without SIMWIRE_* settings, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMWIRE_")}
+    env.update(settings)
+    return env
 
 
 async def start(data_dir: Path, env: dict[str, str], *extra: str
