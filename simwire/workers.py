@@ -40,6 +40,7 @@ from typing import Any
 
 from integrator.endpoints.datagram import bind_udp
 from simwire.config import Config
+from simwire.logs import RateLimitedLogger
 
 log = logging.getLogger("simwire.workers")
 
@@ -120,11 +121,10 @@ class Peers:
     def __init__(self, index: int, inbox: socket.socket | None,
                  outboxes: Sequence[socket.socket]) -> None:
         self.index = index
-        self.count = max(1, len(outboxes))
         self._inbox = inbox
         self._outboxes = list(outboxes)
         self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
-        self.dropped = 0
+        self._warn = RateLimitedLogger(log)
         self._pending: set[tuple[int, str]] = set()
 
     def start(self) -> None:
@@ -142,8 +142,9 @@ class Peers:
         body = json.dumps({"t": kind, **data}, separators=(",", ":")).encode()
         try:
             self._outboxes[index].send(body, socket.MSG_DONTWAIT)
-        except OSError:
-            self.dropped += 1
+        except OSError as exc:  # full inbox (worker restarting or busy): the store will do
+            self._warn.warning(f"peer:{index}", "worker %d: notice %r to worker %d dropped: "
+                               "%s", self.index, kind, index, exc)
 
     def send_soon(self, index: int, kind: str) -> None:
         """Send a notice without data at most once per event-loop iteration (e.g. "the
@@ -331,7 +332,6 @@ class Supervisor:
         self.argv = list(argv)
         self.sockets = _Sockets.bind(cfg, self.count)
         self.procs: list[asyncio.subprocess.Process | None] = [None] * self.count
-        self.restarts = 0
         self._stopping = False
         self._lifeline_r, self._lifeline_w = os.pipe()
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="simwire-metrics-"))
@@ -371,7 +371,6 @@ class Supervisor:
             code = await proc.wait()
             if self._stopping:
                 return
-            self.restarts += 1
             log.error("worker %d (pid %d) exited with %s; restarting", index, proc.pid,
                       f"signal {-code}" if code < 0 else f"code {code}")
             if time.monotonic() - started < _STABLE_S:
