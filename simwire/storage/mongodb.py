@@ -5,7 +5,8 @@ Collections (in the database named by the URL path, else the `database` argument
 
 - `sims`: `_id` = ICCID; unique index on `ip`, index `(org, _id)`.
 - `events`: `_id` = an ObjectId that grows with every insert of this store (the history
-  tiebreak); history index `(iccid, type, received_ms desc, _id desc)`, an index on
+  tiebreak); history index `(iccid, type, received_ms desc, _id desc, protocol)` (protocol
+  last: a protocol filter is checked on the index keys, no document fetched), an index on
   `received_ms` for `purge`, and a TTL index on `expire_at` (= received + retention) so
   MongoDB also purges by itself.
 - `devices`: `_id` = ICCID, index `(org, _id)`.
@@ -139,7 +140,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TELEMETRY = EventType.TELEMETRY_DATA.value
 _DEVICE_SORT = {"iccid": "_id", "imsi": "imsi", "ip": "ip"}
 _OPTIONAL_SIM_FIELDS = frozenset({"imei", "label"})
-_HISTORY_INDEX = "history"
+_HISTORY_INDEX = "device_history"
+_DROPPED_INDEXES = (("events", "history"),)
+"""(collection, index) an earlier version created and a new index replaced (`history`
+lacked `protocol`): `open` drops them."""
 """The history query names its index: SecantusDB 0.7.0b3 (the test server) picks the same
 index by itself but then drops the keys equal to the range's inclusive far bound when a
 field follows the ranged one in the index (e.g. `received_ms >= start` misses the events at
@@ -270,6 +274,10 @@ class MongoStore:
 
     async def _create_indexes(self) -> None:
         db = self.db
+        for collection, name in _DROPPED_INDEXES:
+            if name in await db[collection].index_information():
+                await db[collection].drop_index(name)
+                log.info("mongodb: dropped index %s.%s (replaced)", collection, name)
         ttl = IndexModel([("expire_at", ASCENDING)], name="ttl", expireAfterSeconds=0)
         await db.sims.create_indexes([
             IndexModel([("ip", ASCENDING)], name="ip", unique=True),
@@ -278,7 +286,7 @@ class MongoStore:
         await db.events.create_indexes([
             IndexModel(
                 [("iccid", ASCENDING), ("type", ASCENDING), ("received_ms", DESCENDING),
-                 ("_id", DESCENDING)],
+                 ("_id", DESCENDING), ("protocol", ASCENDING)],
                 name=_HISTORY_INDEX,
             ),
             IndexModel([("received_ms", ASCENDING)], name="received"),
@@ -649,19 +657,7 @@ class MongoStore:
     # -- HistoryRepository ---------------------------------------------------------------
 
     async def history(self, query: HistoryQuery) -> HistoryPage:
-        flt: Doc = {
-            "iccid": query.iccid,
-            "type": _TELEMETRY,
-            "received_ms": {"$gte": query.start_ms, "$lte": query.end_ms},
-        }
-        if query.token:
-            t_ms, t_id = _decode_history_token(query.token)
-            flt["$or"] = [
-                {"received_ms": {"$lt": t_ms}},
-                {"received_ms": t_ms, "_id": {"$lt": t_id}},
-            ]
-        if query.protocol is not None:
-            flt["protocol"] = query.protocol.value
+        flt = history_filter(query)
         cursor = (
             self._coll("events")
             .find(flt, {"iccid": 1, "received_ms": 1, "protocol": 1, "history": 1, "topic": 1})
@@ -1383,6 +1379,24 @@ def _savings_ops(batch: Sequence[_Pending]) -> builtins.list[UpdateOne]:
 
 def _state_id(iccid: str, protocol: Protocol) -> str:
     return f"{iccid}|{protocol.value}"
+
+
+def history_filter(query: HistoryQuery) -> Doc:
+    """The `events` filter of one history page (`MongoStore.history`; the tests explain it).
+    The token also bounds the scanned range, so a later page starts at the token instead of
+    walking every newer key; the `$or` only skips the keys of the token's own ms."""
+    flt: Doc = {
+        "iccid": query.iccid,
+        "type": _TELEMETRY,
+        "received_ms": {"$gte": query.start_ms, "$lte": query.end_ms},
+    }
+    if query.token:
+        t_ms, t_id = _decode_history_token(query.token)
+        flt["received_ms"]["$lte"] = min(query.end_ms, t_ms)
+        flt["$or"] = [{"received_ms": {"$lt": t_ms}}, {"_id": {"$lt": t_id}}]
+    if query.protocol is not None:
+        flt["protocol"] = query.protocol.value
+    return flt
 
 
 def _decode_history_token(token: str) -> tuple[int, ObjectId]:

@@ -81,7 +81,7 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, org TEXT NOT NULL,
     iccid TEXT, protocol TEXT, topic TEXT, received_ms INTEGER NOT NULL,
     history TEXT, envelope TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_history ON events (iccid, received_ms, seq)
+CREATE INDEX IF NOT EXISTS events_by_device ON events (iccid, received_ms, seq, protocol)
     WHERE type = 'TELEMETRY_DATA';
 CREATE TABLE IF NOT EXISTS devices (
     iccid TEXT PRIMARY KEY, org TEXT NOT NULL, imsi TEXT NOT NULL, ip TEXT NOT NULL,
@@ -168,6 +168,11 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
 """(table, column, definition) added after the table was first released: `SCHEMA` creates
 new files with them, `_migrate` adds them to files written by an earlier version."""
 
+DROPPED_INDEXES: tuple[str, ...] = ("events_history",)
+"""Indexes an earlier version created and `SCHEMA` has replaced (`events_history` lacked
+`protocol`, which `events_by_device` carries so a protocol filter reads no table rows):
+`_migrate` drops them."""
+
 MAX_BATCH = 1024
 PURGE_CHUNK = 5000
 
@@ -222,6 +227,9 @@ class SqliteDatabase:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         conn.execute("PRAGMA journal_mode = WAL")
+        for name in _present_indexes(conn, DROPPED_INDEXES):
+            log.info("sqlite schema: replacing index %s, which takes a while on a large "
+                     "store", name)
         conn.executescript(SCHEMA)
         _migrate(conn)
         self._writer = threading.Thread(
@@ -354,9 +362,9 @@ class SqliteDatabase:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Add the `ADDED_COLUMNS` an older file lacks. The check and the ALTER share one
-    IMMEDIATE transaction, so processes opening the same old file at once add each column
-    once (the others wait for the lock, then see it)."""
+    """Add the `ADDED_COLUMNS` an older file lacks and drop its `DROPPED_INDEXES`. The
+    checks and the changes share one IMMEDIATE transaction, so processes opening the same
+    old file at once change it once (the others wait for the lock, then see it)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         for table, column, definition in ADDED_COLUMNS:
@@ -364,10 +372,19 @@ def _migrate(conn: sqlite3.Connection) -> None:
             if column not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                 log.info("sqlite schema: added %s.%s", table, column)
+        for name in _present_indexes(conn, DROPPED_INDEXES):
+            conn.execute(f"DROP INDEX {name}")
+            log.info("sqlite schema: dropped index %s (replaced)", name)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _present_indexes(conn: sqlite3.Connection, names: Sequence[str]) -> list[str]:
+    """Those of `names` that are indexes in the file."""
+    return [n for n in names if conn.execute(
+        "SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = ?", (n,)).fetchone()]
 
 
 def _isolated(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
@@ -589,9 +606,11 @@ class SqliteStore:
             )
             args: list[Any] = [query.iccid, query.start_ms]
             if query.token:
+                # a row value, so the index range starts at the token (an OR of the two
+                # conditions would walk every newer entry first: O(pages read so far))
                 t_ms, t_seq = decode_token(query.token, int)
-                sql += "AND (received_ms < ? OR (received_ms = ? AND seq < ?)) "
-                args += [t_ms, t_ms, t_seq]
+                sql += "AND (received_ms, seq) < (?, ?) "
+                args += [t_ms, t_seq]
             sql += "AND received_ms <= ? "
             args.append(query.end_ms)
             if query.protocol is not None:
