@@ -439,6 +439,21 @@ class DownlinkRepository(Protocol):
         ...
 
 
+class LeaseRepository(Protocol):
+    """Named leases in the store, shared by every process using it (simwire.leadership)."""
+
+    async def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        """Take or renew lease `name` for `holder` until `now_ms + ttl_ms`: True if it was
+        free, expired (its end <= `now_ms`) or already `holder`'s; False (nothing changed)
+        while another holder's is running. Atomic across processes."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """End `holder`'s lease `name` now (another holder may take it at once); nothing
+        if someone else holds it."""
+        ...
+
+
 class Store(
     SimRepository,
     IngestStore,
@@ -454,6 +469,7 @@ class Store(
     PskJobRepository,
     Lwm2mRepository,
     DownlinkRepository,
+    LeaseRepository,
     Protocol,
 ):
     """One storage backend; `simwire.storage.open_store` picks the adapter."""

@@ -14,6 +14,7 @@ Collections (in the database named by the URL path, else the `database` argument
 - `admin_logs`: `_id` = a growing ObjectId (the list tiebreak); indexes
   `(org, timestamp_ms, _id)`, `(iccid, timestamp_ms, _id)`, `timestamp_ms`, TTL on `expire_at`.
 - `api_clients`: `_id` = client id; `meta`: `_id` = key.
+- `leases`: `_id` = lease name, `holder`, `expires_ms`.
 - `integrations`: `_id` = integration id, index `(org, created_ms, _id)`.
 - `outbox`: one document per (queued event, integration): `_id` = a growing ObjectId (the
   delivery order), `i` = integration id, the event's id, type, ICCID, source, topic and
@@ -141,13 +142,13 @@ _TELEMETRY = EventType.TELEMETRY_DATA.value
 _DEVICE_SORT = {"iccid": "_id", "imsi": "imsi", "ip": "ip"}
 _OPTIONAL_SIM_FIELDS = frozenset({"imei", "label"})
 _HISTORY_INDEX = "device_history"
-_DROPPED_INDEXES = (("events", "history"),)
-"""(collection, index) an earlier version created and a new index replaced (`history`
-lacked `protocol`): `open` drops them."""
 """The history query names its index: SecantusDB 0.7.0b3 (the test server) picks the same
 index by itself but then drops the keys equal to the range's inclusive far bound when a
 field follows the ranged one in the index (e.g. `received_ms >= start` misses the events at
 exactly `start`); with a hint it scans correctly. On MongoDB the hint changes nothing."""
+_DROPPED_INDEXES = (("events", "history"),)
+"""(collection, index) an earlier version created and a new index replaced (`history`
+lacked `protocol`): `open` drops them."""
 _OUTBOX_INDEX = "integration"
 _LOGS_BY_ORG_INDEX = "org"
 _LOGS_BY_ICCID_INDEX = "iccid"
@@ -1231,6 +1232,22 @@ class MongoStore:
                 return str(doc["value"])
             await asyncio.sleep(0.005 * (attempt + 1))
         raise RuntimeError(f"meta {key}: neither inserted nor readable after 20 attempts")
+
+    # -- LeaseRepository -------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        """One conditional upsert: it matches the lease if it is ours or expired; if
+        another holder's is running, the upsert's insert hits the `_id` and fails."""
+        try:
+            await self._coll("leases").update_one(
+                {"_id": name, "$or": [{"holder": holder}, {"expires_ms": {"$lte": now_ms}}]},
+                {"$set": {"holder": holder, "expires_ms": now_ms + ttl_ms}}, upsert=True)
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._coll("leases").delete_one({"_id": name, "holder": holder})
 
 
 def _integration(d: Mapping[str, Any]) -> Integration:

@@ -160,6 +160,8 @@ CREATE INDEX IF NOT EXISTS downlinks_scheduled ON downlinks (iccid, created_ms, 
 CREATE INDEX IF NOT EXISTS downlinks_expiring ON downlinks (expires_ms)
     WHERE status = 'SCHEDULED';
 CREATE INDEX IF NOT EXISTS downlinks_created ON downlinks (created_ms);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -1296,6 +1298,25 @@ class SqliteStore:
             return str(c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
 
         return await self.db.write(w)
+
+
+    # -- LeaseRepository -------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        def w(c: sqlite3.Connection) -> bool:
+            c.execute(
+                "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "holder = excluded.holder, expires_ms = excluded.expires_ms "
+                "WHERE leases.holder = excluded.holder OR leases.expires_ms <= ?",
+                (name, holder, now_ms + ttl_ms, now_ms))
+            row = c.execute("SELECT holder FROM leases WHERE name = ?", (name,)).fetchone()
+            return bool(row[0] == holder)
+
+        return await self.db.write(w)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self.db.write(lambda c: c.execute(
+            "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
 
 
 def _write_records(c: sqlite3.Connection, records: list[IngestRecord]) -> int:

@@ -709,6 +709,43 @@ async def test_meta_first_writer_wins(store: Store) -> None:
     assert await store.get_or_create_meta("race", "late") == values[0]
 
 
+# -- LeaseRepository -----------------------------------------------------------------------
+
+
+async def test_lease_taken_renewed_refused_and_expired(store: Store) -> None:
+    assert await store.acquire_lease("leader", "a", T0, 15_000)
+    assert not await store.acquire_lease("leader", "b", T0 + 14_999, 15_000)
+    assert await store.acquire_lease("leader", "a", T0 + 10_000, 15_000)  # renewed: to +25 s
+    assert not await store.acquire_lease("leader", "b", T0 + 24_999, 15_000)
+    assert await store.acquire_lease("other", "b", T0, 15_000)  # leases are per name
+    assert await store.acquire_lease("leader", "b", T0 + 25_000, 15_000)  # a's expired
+    assert not await store.acquire_lease("leader", "a", T0 + 26_000, 15_000)
+
+
+async def test_lease_release_frees_only_the_holders(store: Store) -> None:
+    assert await store.acquire_lease("leader", "a", T0, 15_000)
+    await store.release_lease("leader", "b")  # not b's: nothing happens
+    assert not await store.acquire_lease("leader", "b", T0 + 1, 15_000)
+    await store.release_lease("leader", "a")
+    assert await store.acquire_lease("leader", "b", T0 + 2, 15_000)
+    await store.release_lease("missing", "b")
+
+
+async def test_lease_race_between_two_stores_has_one_winner(
+    store: Store, open_store: StoreOpener
+) -> None:
+    other = await open_store()
+    for n in range(10):
+        name = f"race{n}"
+        won = await asyncio.gather(store.acquire_lease(name, "a", T0, 15_000),
+                                   other.acquire_lease(name, "b", T0, 15_000))
+        assert sorted(won) == [False, True], won
+        # and once it has expired, exactly one of two contenders takes it over
+        won = await asyncio.gather(store.acquire_lease(name, "c", T0 + 15_000, 15_000),
+                                   other.acquire_lease(name, "d", T0 + 15_000, 15_000))
+        assert sorted(won) == [False, True], won
+
+
 # -- durability ----------------------------------------------------------------------------
 
 
