@@ -56,6 +56,11 @@ KEY_MIN, KEY_MAX, IMPORT_KEY_MAX = 8, 256, 128
 MAX_IMPORT_ITEMS = 5000
 JOB_BATCH = 500
 JOB_ERRORS_KEPT = 100
+JOB_STALE_S = 60.0
+"""A job IN_PROGRESS whose progress is older than this was interrupted (its process died):
+the leader ends it (`PskService.finish_interrupted`)."""
+JOB_SWEEP_S = 30.0
+"""How often the leader looks for interrupted jobs (and when it takes the lead)."""
 JOBS_LISTED_DAYS = 30
 KEY_CACHE_S = 10.0
 """DTLS key lookups are cached this long (a handshake asks twice); local changes drop the
@@ -369,8 +374,13 @@ class PskService:
                 updated_ms=self._clock.now_ms()))
 
     async def finish_interrupted(self) -> None:
-        """At start: jobs a dead process left IN_PROGRESS end as DONE, the rest failed."""
+        """The leader, every `JOB_SWEEP_S` (simwire.app): a job IN_PROGRESS that has not
+        moved for `JOB_STALE_S` lost the process running it (a running job records its
+        progress after each batch); it ends DONE, the rest failed."""
+        stale = self._clock.now_ms() - round(JOB_STALE_S * 1000)
         for job in await self._repo.interrupted_jobs():
+            if job.updated_ms > stale:
+                continue
             await self._repo.update_job(replace(
                 job, status=PskJobStatus.DONE, failed=job.amount - job.done,
                 errors=(*job.errors, "interrupted by a restart; import the rest again"),

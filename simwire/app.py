@@ -7,8 +7,12 @@ close the API -> close the store.
 
 In a worker of `simwire serve --workers N` (simwire.workers) it takes the supervisor's
 sockets instead of binding, holds only the LwM2M registrations of the devices whose
-datagrams reach it, hands LwM2M downlinks to the worker that holds them, and only worker 0
-delivers the outbox and runs retention; cache changes are told to the other workers.
+datagrams reach it, hands LwM2M downlinks to the worker that holds them, and tells cache
+changes to the other workers. Only worker 0 may lead.
+
+The leader (simwire.leadership: the holder of the store's lease, among the processes
+allowed to lead) delivers the outbox, runs retention and ends interrupted PSK jobs; when
+it dies another process takes over by itself.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from aiohttp import web
 from authenticator import api as sims_api
 from authenticator.lookup import SimLookup
 from authenticator.management import SimManagement
-from authenticator.psk import Bootstrap, DtlsKeys, KeyRole, PskService, SecretBox
+from authenticator.psk import JOB_SWEEP_S, Bootstrap, DtlsKeys, KeyRole, PskService, SecretBox
 from energy_saver import api as templates_api
 from energy_saver.service import SAVINGS_KEEP_DAYS, Templates
 from energy_saver.translator import CodecCache, TemplateTranslator
@@ -56,6 +60,7 @@ from simwire.auth import TokenService
 from simwire.clock import Clock, SystemClock
 from simwire.config import Config
 from simwire.http import build_api
+from simwire.leadership import Leadership
 from simwire.metrics import Metrics, SharedMetrics
 from simwire.model import LogCategory, LogType, Protocol, Sim
 from simwire.ports import Store, Translator
@@ -126,6 +131,10 @@ class Simwire:
         self.ports: BoundPorts
         self.http_app: web.Application
         self.generated_admin: tuple[str, str] | None = None
+        self.leadership: Leadership | None = None
+        """Set when this process may lead (`Config.leader`, worker 0)."""
+        self._duties: list[asyncio.Task[None]] = []
+        """The leader's background tasks, while this process leads."""
 
     async def start(self) -> None:
         cfg = self.config
@@ -156,8 +165,6 @@ class Simwire:
             stack.push_async_callback(self.admin_logs.stop)
             box = SecretBox.from_file(cfg.psk_key_file or cfg.data_dir / "psk-seal.key")
             self.psks = PskService(self.store, self.store, lookup, box, self.clock)
-            if self._leader:
-                await self.psks.finish_interrupted()
             stack.push_async_callback(self.psks.stop)
             bootstrap = Bootstrap(self.psks, lookup, self.admin_logs, cfg.coaps_url)
             self.retention = Retention(
@@ -198,7 +205,7 @@ class Simwire:
             self.dispatcher = Dispatcher(
                 self.store, sinks.build, self.clock, self.metrics,
                 ForwarderConfig(cfg.retry_schedule(), cfg.delivery_concurrency),
-                delivers=self._leader, notify=self._tell_leader,
+                delivers=False, notify=self._tell_leader,
             )
             await self.dispatcher.start()
             stack.push_async_callback(self.dispatcher.stop)
@@ -229,10 +236,11 @@ class Simwire:
             await site.start()
             http_port = _bound_port(runner)
 
-            if self._leader:
-                retention_task = asyncio.create_task(self.retention.run_forever(),
-                                                     name="retention")
-                stack.push_async_callback(_cancel, retention_task)
+            if self._may_lead:  # before the endpoints: a lone process leads before it serves
+                self.leadership = Leadership(self.store, self.clock, self._lead,
+                                             self._follow, cfg.leader_lease_s)
+                await self.leadership.start()
+                stack.push_async_callback(self.leadership.stop)
             refresh_task = asyncio.create_task(self.translator.run_forever(),
                                                name="template-refresh")
             stack.push_async_callback(_cancel, refresh_task)
@@ -336,14 +344,41 @@ class Simwire:
     # -- worker processes (simwire.workers) -------------------------------------------------
 
     @property
-    def _leader(self) -> bool:
-        """Delivers the outbox and runs retention: the only process, or worker 0 (of the
-        machine configured as `leader`)."""
+    def _may_lead(self) -> bool:
+        """Contends for the leader lease: a machine configured as `leader`, its only
+        process or worker 0."""
         return self.config.leader and (self.worker is None or self.worker.leader)
 
+    async def _lead(self) -> None:
+        """This process took the leader lease (simwire.leadership): deliver, purge, sweep."""
+        await self.dispatcher.lead()
+        self._duties = [
+            asyncio.create_task(self.retention.run_forever(), name="retention"),
+            asyncio.create_task(self._end_interrupted_jobs(), name="psk-jobs"),
+        ]
+
+    async def _follow(self) -> None:
+        """This process lost or released the leader lease: stop the leader's duties."""
+        duties, self._duties = self._duties, []
+        for task in duties:
+            await _cancel(task)
+        await self.dispatcher.follow()
+
+    async def _end_interrupted_jobs(self) -> None:
+        """The leader's sweep: at once, then every `JOB_SWEEP_S` (real time, like
+        retention's cadence; staleness is read from the clock)."""
+        while True:
+            try:
+                await self.psks.finish_interrupted()
+            except Exception as exc:
+                log.error("ending interrupted PSK jobs failed: %s", exc)
+            await asyncio.sleep(JOB_SWEEP_S)
+
     def _tell_leader(self, kind: str) -> None:
-        """The dispatcher of a worker other than 0: new outbox events / integrations."""
-        if self.worker is not None:
+        """The dispatcher of a process that does not deliver: new outbox events or
+        integrations. Worker 0 of this machine hears it (when it leads, it acts; another
+        machine's leader finds the work by polling)."""
+        if self.worker is not None and self.worker.index != 0:
             self.worker.peers.send_soon(0, kind)
 
     def _downlink_hand_off(self) -> tuple[Callable[[Sim, Protocol], bool] | None,
@@ -415,7 +450,8 @@ class Simwire:
         await self._stack.aclose()
 
     async def _health(self) -> dict[str, Any]:
-        health: dict[str, Any] = {"status": "ok", "store": self.store.name}
+        health: dict[str, Any] = {"status": "ok", "store": self.store.name, "leader": (
+            self.leadership is not None and self.leadership.leading)}
         if self.worker is not None:
             health["worker"] = {"index": self.worker.index, "count": self.worker.count,
                                 "pid": self.worker.pid}

@@ -67,8 +67,13 @@ class Config:
     reaching the same one) under one supervisor that restarts a dead one (ADR 0009).
     At most 64; 1 runs everything in this process."""
     leader: bool = True
-    """This machine delivers the outbox (webhooks, AWS) and runs retention (its worker 0).
-    Set false on every machine but one when several share a MongoDB store."""
+    """This machine may lead (its worker 0): the leader, one per store, delivers the outbox
+    (webhooks, AWS), runs retention and ends interrupted PSK jobs. Machines sharing a
+    MongoDB store contend for a lease in it; when the leader dies, another takes over
+    within `leader_lease_s`. False: never lead (e.g. ingest-only machines)."""
+    leader_lease_s: float = 15.0
+    """The leader lease's term: renewed every third of it; a dead leader's duties resume
+    elsewhere at most this long after its last renewal."""
     data_dir: Path = Path("data")
     """Where the embedded SQLite store lives (`simwire.db`)."""
     store: str = "sqlite"
@@ -111,6 +116,8 @@ class Config:
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 64:
             raise ValueError(f"workers: must be 1..64, got {self.workers}")
+        if not 0.3 <= self.leader_lease_s <= 3600:
+            raise ValueError(f"leader_lease_s: must be 0.3..3600 s, got {self.leader_lease_s}")
 
     def with_overrides(self, values: Mapping[str, Any]) -> Config:
         return dataclasses.replace(self, **_coerce(values, "override"))

@@ -259,3 +259,57 @@ async def test_lwm2m_downlinks_reach_the_worker_holding_the_registration(
                     assert done["resultData"]["code"] == "205"
         finally:
             assert await stop(proc) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_leader_fail_over_between_two_servers_sharing_a_store(tmp_path: Path) -> None:
+    """Two `simwire serve` processes on one store (SQLite here; machines share MongoDB the
+    same way), a 1 s leader lease: the first leads and delivers; after it is SIGKILLed the
+    other takes the lease by itself and delivers what it stores and what was queued."""
+    pki = make_pki(tmp_path / "pki")
+    env = clean_env(SIMWIRE_ADMIN_CLIENT_ID=ADMIN, SIMWIRE_ADMIN_CLIENT_SECRET=SECRET,
+                    SIMWIRE_WEBHOOK_CA_FILE=str(pki.ca_cert), SIMWIRE_LEADER_LEASE_S="1")
+    iccid, ip = "8988280666000000498", "127.0.0.44"
+    async with receiver(pki) as hook, aiohttp.ClientSession() as http:
+        first, first_ports, _ = await start(tmp_path / "data", env)
+        second, ports, _ = await start(tmp_path / "data", env)
+        try:
+            async def leads(port: int) -> bool:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    return bool((await r.json())["leader"])
+
+            assert (await leads(first_ports["http"]), await leads(ports["http"])) == (True, False)
+            base = f"http://127.0.0.1:{ports['http']}"  # managed through the follower
+            bearer = {"Authorization": f"Bearer {await token(http, ports['http'], ADMIN, SECRET)}"}
+            async with http.post(f"{base}/v1/sims", headers=bearer, json={
+                    "iccid": iccid, "imsi": "901405100000498", "ip": ip}) as r:
+                assert r.status == 201
+            async with http.post(f"{base}/v1/integrate/clouds/webhooks", headers=bearer, json={
+                    "name": "fail-over", "url": hook.url, "headers": {},
+                    "eventTypes": [{"type": "TELEMETRY_DATA"}]}) as r:
+                assert r.status == 201
+
+            def delivered() -> set[bytes]:
+                """Payloads delivered. At least once: the killed leader may have delivered
+                "before" without committing that, so the new leader delivers it again."""
+                return {base64.b64decode(r.json["payload"]["value"]) for r in hook.accepted}
+
+            link = await UdpClient.open(("127.0.0.1", ports["udp"]), ip)
+            try:
+                link.send(b"before")  # stored by the follower, delivered by the leader
+                await eventually(lambda: delivered() == {b"before"}, timeout=15)
+                os.kill(first.pid, signal.SIGKILL)
+                await first.wait()
+                link.send(b"after")  # queued while nobody leads, then delivered
+                await eventually(lambda: leads(ports["http"]), timeout=10)
+                await eventually(lambda: delivered() == {b"before", b"after"}, timeout=15)
+                ids: dict[bytes, set[str]] = {b"before": set(), b"after": set()}
+                for req in hook.accepted:  # a repeat carries the same event id
+                    ids[base64.b64decode(req.json["payload"]["value"])].add(req.json["id"])
+                assert [len(v) for v in ids.values()] == [1, 1], hook.accepted
+            finally:
+                link.close()
+        finally:
+            if first.returncode is None:
+                await stop(first)
+            assert await stop(second) == 0

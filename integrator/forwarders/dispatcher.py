@@ -16,9 +16,12 @@ and an admin log are written, and the worker stops; events keep being queued unt
 `restart`, which replays them. Delivery is at least once: an event delivered just before a
 crash (not yet removed from the outbox) is delivered again, with the same id.
 
-Only one process delivers (`delivers`: the single process, or worker 0 of `--workers N`).
-In the others `wake`, `changed` and `removed` become notices to it (`notify("outbox")`,
-`notify("integrations")`); it also re-reads the integrations every `reconcile_interval_s`.
+Only one process delivers: the leader (simwire.leadership calls `lead` when this process
+takes the leader lease and `follow` when it loses it). In the others `wake`, `changed` and
+`removed` become notices (`notify("outbox")`, `notify("integrations")`, which reach the
+leader when it is worker 0 of the same machine; another machine's leader finds the work
+by its outbox poll). The leader also re-reads the integrations every
+`reconcile_interval_s`.
 """
 
 from __future__ import annotations
@@ -273,12 +276,23 @@ class Dispatcher:
 
     async def start(self) -> None:
         self.store.on_outbox(self.wake)
-        if not self.delivers:
+        if self.delivers:
+            self.delivers = False
+            await self.lead()
+
+    async def lead(self) -> None:
+        """Start delivering: a worker per stored integration, and the reconcile loop."""
+        if self.delivers:
             return
-        for integration in await self.store.all_integrations():
-            self._spawn(integration)
+        self.delivers = True
+        await self.reconcile()
         self._reconciler = asyncio.create_task(self._reconcile_forever(),
                                                name="integrations-reconcile")
+
+    async def follow(self) -> None:
+        """Stop delivering (another process leads now); what is queued stays queued."""
+        self.delivers = False
+        await self.stop()
 
     async def stop(self) -> None:
         if self._reconciler is not None:

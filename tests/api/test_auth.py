@@ -146,7 +146,8 @@ async def test_health_and_metrics_need_no_token(app: Simwire, http: aiohttp.Clie
                                                 ) -> None:
     base = f"http://127.0.0.1:{app.ports.http}"
     async with http.get(base + "/healthz") as r:
-        assert r.status == 200 and await r.json() == {"status": "ok", "store": "sqlite"}
+        assert r.status == 200
+        assert await r.json() == {"status": "ok", "store": "sqlite", "leader": True}
     async with http.get(base + "/metrics") as r:
         text = await r.text()
         assert r.status == 200 and "simwire_uplinks_total" in text

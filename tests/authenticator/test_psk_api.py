@@ -12,7 +12,7 @@ from authenticator.psk import KeyRole
 from simwire.app import Simwire
 from simwire.clock import ManualClock
 from simwire.model import DEFAULT_ORG, Protocol
-from tests.support.simwire import T0, Api, eventually, running
+from tests.support.simwire import Api, eventually, running
 
 ICCIDS = [f"89882806660000002{i:02d}" for i in range(3)]
 ISO0 = "2026-01-01T00:00:00.000Z"
@@ -143,13 +143,31 @@ async def test_import_job_counts_progress_and_failures(api: Api, node: Simwire) 
 
 
 async def test_a_job_cut_by_a_restart_ends_done(tmp_path: Path, clock: ManualClock) -> None:
+    from authenticator.psk import JOB_STALE_S
     from simwire.model import PskJob, PskJobStatus
 
+    stale = clock.now_ms() - round(JOB_STALE_S * 1000)
     async with running(tmp_path / "r", clock=clock) as first:
-        await first.store.create_job(PskJob("j1", DEFAULT_ORG, T0, T0, PskJobStatus.IN_PROGRESS,
-                                            10, done=4))
+        # a job whose process died: its last progress is JOB_STALE_S old
+        await first.store.create_job(PskJob("j1", DEFAULT_ORG, stale - 5000, stale,
+                                            PskJobStatus.IN_PROGRESS, 10, done=4))
+        # a job that recorded progress just after that (another process may be running it)
+        await first.store.create_job(PskJob("j2", DEFAULT_ORG, stale, stale + 1,
+                                            PskJobStatus.IN_PROGRESS, 10, done=1))
     async with running(tmp_path / "r", clock=clock) as second:
-        job = await second.store.get_job("j1")
-    assert job is not None
-    assert (job.status, job.done, job.failed) == (PskJobStatus.DONE, 4, 6)
-    assert job.errors == ("interrupted by a restart; import the rest again",)
+        # the new leader sweeps when it takes the lead
+        async def ended() -> PskJob | None:
+            job = await second.store.get_job("j1")
+            return job if job is not None and job.status is PskJobStatus.DONE else None
+
+        job = await eventually(ended)
+        assert (job.status, job.done, job.failed) == (PskJobStatus.DONE, 4, 6)
+        assert job.errors == ("interrupted by a restart; import the rest again",)
+        running_job = await second.store.get_job("j2")
+        assert running_job is not None and running_job.status is PskJobStatus.IN_PROGRESS
+        await second.psks.finish_interrupted()  # what the next sweep does: still young
+        assert await second.store.get_job("j2") == running_job
+        clock.advance(0.001)  # now j2 has not moved for JOB_STALE_S either
+        await second.psks.finish_interrupted()
+        j2 = await second.store.get_job("j2")
+        assert j2 is not None and (j2.status, j2.done, j2.failed) == (PskJobStatus.DONE, 1, 9)
