@@ -106,7 +106,12 @@ class Leadership:
                 try:
                     await self._on_gain()
                 except Exception:
+                    # e.g. the store failed while the dispatcher read the integrations: let
+                    # go, so this process (next attempt) or another one starts them afresh
                     log.exception("leader: starting the leader's duties failed")
+                    await self._step_down("its duties failed to start")
+                    with contextlib.suppress(Exception):
+                        await self._leases.release_lease(LEASE, self.holder)
         elif self.leading:
             await self._step_down("another process holds the lease")
 

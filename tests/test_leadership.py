@@ -40,10 +40,15 @@ class Node:
 
     def __init__(self, name: str, leases: LeaseRepository, clock: ManualClock) -> None:
         self.events: list[str] = []
+        self.failing_gains = 0
+        """How many of the next gains fail (their duties raise)."""
         self.leadership = Leadership(leases, clock, self._gain, self._loss, TTL, holder=name)
 
     async def _gain(self) -> None:
         self.events.append("gain")
+        if self.failing_gains:
+            self.failing_gains -= 1
+            raise ConnectionError("store unreachable while starting the duties")
 
     async def _loss(self) -> None:
         self.events.append("loss")
@@ -150,3 +155,20 @@ async def test_clean_stop_hands_over_at_once(
         assert not await stores[0].acquire_lease(LEASE, "a", clock.now_ms(), 1000)
     finally:
         await b.leadership.stop()
+
+
+async def test_duties_that_fail_to_start_give_the_lease_back(
+    stores: tuple[Store, Store], clock: ManualClock
+) -> None:
+    a, b = Node("a", stores[0], clock), Node("b", stores[1], clock)
+    a.failing_gains = 1
+    await a.leadership.start()
+    try:
+        assert not a.leading and a.events == ["gain", "loss"]
+        await b.leadership.start()  # the lease was released: b need not wait for its end
+        assert b.leading and b.events == ["gain"]
+    finally:
+        await b.leadership.stop()
+    await tick(clock, 0, a)  # b released it on stop: a tries again, and now succeeds
+    assert a.leading and a.events == ["gain", "loss", "gain"]
+    await a.leadership.stop()
