@@ -14,7 +14,8 @@ inherited sockets are theirs). It keeps its own reference to every socket, so:
 A worker that dies is started again (backoff 0.5 s doubling to 30 s while it keeps dying
 within 10 s). Worker 0 is the one that may lead (simwire.leadership: when it holds the
 store's leader lease, it delivers the outbox and runs retention); the others send it
-notices over `Peers`, Unix datagram sockets the supervisor creates (one inbox per worker). State is shared through the store; notices only make it fresh sooner.
+notices over `Peers`, Unix datagram sockets the supervisor creates (one inbox per worker).
+State is shared through the store; notices only make it fresh sooner.
 """
 
 from __future__ import annotations
