@@ -10,7 +10,7 @@ import pytest
 
 from simwire.clock import ManualClock
 from simwire.leadership import LEASE, Leadership
-from simwire.ports import LeaseRepository, Store
+from simwire.ports import Store
 from simwire.storage import open_store
 
 TTL = 15.0
@@ -38,11 +38,13 @@ class Cut:
 class Node:
     """One process contending for the lead: its duties are a list of what happened."""
 
-    def __init__(self, name: str, leases: LeaseRepository, clock: ManualClock) -> None:
+    def __init__(self, name: str, store: Store, clock: ManualClock) -> None:
         self.events: list[str] = []
         self.failing_gains = 0
         """How many of the next gains fail (their duties raise)."""
-        self.leadership = Leadership(leases, clock, self._gain, self._loss, TTL, holder=name)
+        self.link = Cut(store)
+        self.leadership = Leadership(self.link, clock, self._gain, self._loss, TTL,
+                                     holder=name)
 
     async def _gain(self) -> None:
         self.events.append("gain")
@@ -73,6 +75,21 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+@pytest.fixture
+async def nodes(stores: tuple[Store, Store], clock: ManualClock
+                ) -> AsyncIterator[tuple[Node, Node]]:
+    """Processes a and b, not started yet; stopped after the test (again, if it did)."""
+    a, b = Node("a", stores[0], clock), Node("b", stores[1], clock)
+    yield a, b
+    await a.leadership.stop()
+    await b.leadership.stop()
+
+
+async def start(*nodes: Node) -> None:
+    for node in nodes:
+        await node.leadership.start()
+
+
 async def tick(clock: ManualClock, seconds: float, *nodes: Node) -> None:
     """`seconds` pass; then each node's loop makes its attempt, in the order given."""
     clock.advance(seconds)
@@ -81,94 +98,73 @@ async def tick(clock: ManualClock, seconds: float, *nodes: Node) -> None:
 
 
 async def test_one_leads_the_other_waits_and_renewal_keeps_it(
-    stores: tuple[Store, Store], clock: ManualClock
+    nodes: tuple[Node, Node], clock: ManualClock
 ) -> None:
-    a, b = Node("a", stores[0], clock), Node("b", stores[1], clock)
-    await a.leadership.start()
-    await b.leadership.start()
-    try:
-        assert (a.leading, b.leading) == (True, False)
-        for _ in range(10):  # 50 s of renewals every ttl / 3: the lease never lapses
-            await tick(clock, TTL / 3, b, a)
-        assert (a.events, b.events) == (["gain"], [])
-    finally:
-        await b.leadership.stop()
-        await a.leadership.stop()
+    a, b = nodes
+    await start(a, b)
+    assert (a.leading, b.leading) == (True, False)
+    for _ in range(10):  # 50 s of renewals every ttl / 3: the lease never lapses
+        await tick(clock, TTL / 3, b, a)
+    assert (a.events, b.events) == (["gain"], [])
+    await b.leadership.stop()
+    await a.leadership.stop()
     assert a.events == ["gain", "loss"]
 
 
 async def test_cut_off_leader_steps_down_before_the_other_takes_over(
-    stores: tuple[Store, Store], clock: ManualClock
+    nodes: tuple[Node, Node], clock: ManualClock
 ) -> None:
-    cut = Cut(stores[0])
-    a, b = Node("a", cut, clock), Node("b", stores[1], clock)
-    await a.leadership.start()
-    await b.leadership.start()
-    try:
-        await tick(clock, 5, a, b)  # renewed at t=5: the lease runs to t=20
-        cut.cut = True
-        await tick(clock, 5, a, b)  # t=10: a failed once, still within its term
-        assert (a.leading, b.leading) == (True, False)
-        await tick(clock, 5, a, b)  # t=15: 10 s without a renewal: a stops; the lease runs
-        assert (a.leading, b.leading) == (False, False)
-        assert a.events == ["gain", "loss"]
-        await tick(clock, 4.999, b)
-        assert not b.leading
-        await tick(clock, 0.001, b)  # t=20: the lease ran out: b takes it
-        assert b.leading and b.events == ["gain"]
-        cut.cut = False  # a is back: it finds b's lease and waits
-        await tick(clock, 5, a, b)
-        assert (a.leading, b.leading) == (False, True)
-        assert a.events == ["gain", "loss"]
-    finally:
-        await a.leadership.stop()
-        await b.leadership.stop()
+    a, b = nodes
+    await start(a, b)
+    await tick(clock, 5, a, b)  # renewed at t=5: the lease runs to t=20
+    a.link.cut = True
+    await tick(clock, 5, a, b)  # t=10: a failed once, still within its term
+    assert (a.leading, b.leading) == (True, False)
+    await tick(clock, 5, a, b)  # t=15: 10 s without a renewal: a stops; the lease runs
+    assert (a.leading, b.leading) == (False, False)
+    assert a.events == ["gain", "loss"]
+    await tick(clock, 4.999, b)
+    assert not b.leading
+    await tick(clock, 0.001, b)  # t=20: the lease ran out: b takes it
+    assert b.leading and b.events == ["gain"]
+    a.link.cut = False  # a is back: it finds b's lease and waits
+    await tick(clock, 5, a, b)
+    assert (a.leading, b.leading) == (False, True)
+    assert a.events == ["gain", "loss"]
 
 
 async def test_paused_leader_that_finds_another_holder_steps_down(
-    stores: tuple[Store, Store], clock: ManualClock
+    nodes: tuple[Node, Node], clock: ManualClock
 ) -> None:
-    a, b = Node("a", stores[0], clock), Node("b", stores[1], clock)
-    await a.leadership.start()
-    await b.leadership.start()
-    try:
-        await tick(clock, TTL, b)  # a paused (no renewal) for the whole term: b takes over
-        assert b.leading
-        await tick(clock, 0, a)
-        assert not a.leading and a.events == ["gain", "loss"]
-    finally:
-        await a.leadership.stop()
-        await b.leadership.stop()
+    a, b = nodes
+    await start(a, b)
+    await tick(clock, TTL, b)  # a paused (no renewal) for the whole term: b takes over
+    assert b.leading
+    await tick(clock, 0, a)
+    assert not a.leading and a.events == ["gain", "loss"]
 
 
 async def test_clean_stop_hands_over_at_once(
-    stores: tuple[Store, Store], clock: ManualClock
+    nodes: tuple[Node, Node], clock: ManualClock
 ) -> None:
-    a, b = Node("a", stores[0], clock), Node("b", stores[1], clock)
-    await a.leadership.start()
-    await b.leadership.start()
-    try:
-        await a.leadership.stop()  # releases the lease: no waiting for its end
-        assert a.events == ["gain", "loss"]
-        await tick(clock, 0, b)
-        assert b.leading
-        assert not await stores[0].acquire_lease(LEASE, "a", clock.now_ms(), 1000)
-    finally:
-        await b.leadership.stop()
+    a, b = nodes
+    await start(a, b)
+    await a.leadership.stop()  # releases the lease: no waiting for its end
+    assert a.events == ["gain", "loss"]
+    await tick(clock, 0, b)
+    assert b.leading
+    assert not await a.link.store.acquire_lease(LEASE, "a", clock.now_ms(), 1000)
 
 
 async def test_duties_that_fail_to_start_give_the_lease_back(
-    stores: tuple[Store, Store], clock: ManualClock
+    nodes: tuple[Node, Node], clock: ManualClock
 ) -> None:
-    a, b = Node("a", stores[0], clock), Node("b", stores[1], clock)
+    a, b = nodes
     a.failing_gains = 1
-    await a.leadership.start()
-    try:
-        assert not a.leading and a.events == ["gain", "loss"]
-        await b.leadership.start()  # the lease was released: b need not wait for its end
-        assert b.leading and b.events == ["gain"]
-    finally:
-        await b.leadership.stop()
+    await start(a)
+    assert not a.leading and a.events == ["gain", "loss"]
+    await start(b)  # the lease was released: b need not wait for its end
+    assert b.leading and b.events == ["gain"]
+    await b.leadership.stop()
     await tick(clock, 0, a)  # b released it on stop: a tries again, and now succeeds
     assert a.leading and a.events == ["gain", "loss", "gain"]
-    await a.leadership.stop()
