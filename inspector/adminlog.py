@@ -8,13 +8,13 @@ stored entry per (message, ip) per `per_key_interval_s`, and a dict update other
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from simwire.clock import Clock
 from simwire.metrics import Metrics
 from simwire.model import AdminLog, LogCategory, LogType, new_trace_id
 from simwire.ports import AdminLogRepository
+from simwire.tasks import cancel
 
 log = logging.getLogger("simwire.inspector.adminlog")
 
@@ -91,8 +91,5 @@ class AdminLogWriter:
         self._task = asyncio.create_task(self._run(), name="admin-log-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         await self.flush()

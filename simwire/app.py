@@ -18,7 +18,6 @@ it dies another process takes over by itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -65,6 +64,7 @@ from simwire.metrics import Metrics, SharedMetrics
 from simwire.model import LogCategory, LogType, Protocol, Sim
 from simwire.ports import Store, Translator
 from simwire.storage import open_store
+from simwire.tasks import cancel
 from simwire.workers import WorkerContext, describe_ports, owner_index
 
 log = logging.getLogger("simwire.app")
@@ -243,10 +243,10 @@ class Simwire:
                 stack.push_async_callback(self.leadership.stop)
             refresh_task = asyncio.create_task(self.translator.run_forever(),
                                                name="template-refresh")
-            stack.push_async_callback(_cancel, refresh_task)
+            stack.push_async_callback(cancel, refresh_task)
             controller_task = asyncio.create_task(self.controller.run_forever(),
                                                   name="downlink-housekeeping")
-            stack.push_async_callback(_cancel, controller_task)
+            stack.push_async_callback(cancel, controller_task)
 
             udp = await udp_endpoint.serve(
                 cfg.host, cfg.udp_port, self.pipeline, self.clock, self.metrics,
@@ -361,7 +361,7 @@ class Simwire:
         """This process lost or released the leader lease: stop the leader's duties."""
         duties, self._duties = self._duties, []
         for task in duties:
-            await _cancel(task)
+            await cancel(task)
         await self.dispatcher.follow()
 
     async def _end_interrupted_jobs(self) -> None:
@@ -433,7 +433,7 @@ class Simwire:
                 await asyncio.sleep(1.0)
 
         task = asyncio.get_running_loop().create_task(snapshot_metrics(), name="metrics")
-        self._stack.push_async_callback(_cancel, task)
+        self._stack.push_async_callback(cancel, task)
 
     def _dtls_refused(self, ip: str, reason: str) -> None:
         """A DTLS peer got no session (the endpoint rate-limits this per IP)."""
@@ -468,12 +468,6 @@ class Simwire:
 def _bound_port(runner: web.AppRunner) -> int:
     addr = runner.addresses[0]
     return int(addr[1])
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def run(config: Config, worker: WorkerContext | None = None) -> None:

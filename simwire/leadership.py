@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from simwire.clock import Clock
 from simwire.logs import RateLimitedLogger
 from simwire.ports import LeaseRepository
+from simwire.tasks import cancel
 
 log = logging.getLogger("simwire.leadership")
 
@@ -69,11 +70,8 @@ class Leadership:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="leadership")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         if self.leading:
             await self._step_down("shutting down", logging.INFO)
             try:

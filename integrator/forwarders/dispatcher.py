@@ -51,6 +51,7 @@ from simwire.model import (
     new_trace_id,
 )
 from simwire.ports import IngestRecord, IngestStore, IntegrationRepository, Outbox, OutboxItem
+from simwire.tasks import cancel
 
 log = logging.getLogger("simwire.integrator.forwarders")
 
@@ -139,10 +140,7 @@ class _Worker:
 
     async def stop(self) -> None:
         for task in (self.task, self._ack_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel(task)
         await self.sink.close()
         self._retrying.set(0)
 
@@ -295,11 +293,8 @@ class Dispatcher:
         await self.stop()
 
     async def stop(self) -> None:
-        if self._reconciler is not None:
-            self._reconciler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconciler
-            self._reconciler = None
+        await cancel(self._reconciler)
+        self._reconciler = None
         async with self._lock:
             workers = list(self._workers.values())
             self._workers.clear()
