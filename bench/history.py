@@ -49,7 +49,6 @@ import os
 import platform
 import queue
 import random
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -74,6 +73,7 @@ from bench.ingest import (
     HOST,
     Phases,
     Server,
+    clean_up,
     free_port,
     git_commit,
     http,
@@ -832,10 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         note(f"benchmark failed: {exc}")
         return 1
     finally:
-        if a.keep:
-            note(f"kept {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        clean_up(work_dir, a.keep)
     return 0
 
 

@@ -64,6 +64,15 @@ def note(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def clean_up(work_dir: Path, keep: bool) -> None:
+    """The end of a benchmark's `main()`: keep its temporary directory (--keep, said on
+    stderr) or remove it."""
+    if keep:
+        note(f"kept {work_dir}")
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
 # --- processes -------------------------------------------------------------------------------
 
 
@@ -949,10 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         note(f"benchmark failed: {exc}")
         return 1
     finally:
-        if a.keep:
-            note(f"kept {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        clean_up(work_dir, a.keep)
     return 0
 
 

@@ -49,7 +49,6 @@ import random
 import resource
 import secrets
 import select
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -70,6 +69,7 @@ from bench.ingest import (
     HOST,
     Phases,
     Server,
+    clean_up,
     free_port,
     git_commit,
     note,
@@ -783,10 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         note(f"benchmark failed: {exc}")
         return 1
     finally:
-        if a.keep:
-            note(f"kept {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        clean_up(work_dir, a.keep)
     return 0
 
 
