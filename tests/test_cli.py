@@ -11,7 +11,7 @@ import pytest
 
 from simwire.config import Config, load_config
 from tests.support.net import UdpClient
-from tests.support.serve import clean_env, start, stop, token
+from tests.support.serve import clean_env, created, start, stop, token
 
 ICCID = "8988280666000000081"
 
@@ -27,10 +27,8 @@ async def test_serve_restart_keeps_everything(tmp_path: Path) -> None:
         secret = creds.split("client_secret=")[1].split()[0]
         async with aiohttp.ClientSession() as http:
             bearer = {"Authorization": f"Bearer {await token(http, ports['http'], cid, secret)}"}
-            async with http.post(f"http://127.0.0.1:{ports['http']}/v1/sims", headers=bearer,
-                                 json={"iccid": ICCID, "imsi": "901405100000081",
-                                       "ip": "127.0.0.1"}) as r:
-                assert r.status == 201
+            await created(http, f"http://127.0.0.1:{ports['http']}/v1/sims", bearer,
+                          {"iccid": ICCID, "imsi": "901405100000081", "ip": "127.0.0.1"})
             dev = await UdpClient.open(("127.0.0.1", ports["coap"]))
             reply = await dev.request(bytes.fromhex("40020001d602743d74657374ff016354322e322e31"))
             dev.close()

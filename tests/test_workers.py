@@ -20,7 +20,7 @@ from integrator import coap
 from simwire.workers import Peers, bind_group, owner_index
 from tests.support.net import UdpClient
 from tests.support.pki import make_pki
-from tests.support.serve import clean_env, start, stop, token
+from tests.support.serve import clean_env, created, start, stop, telemetry_webhook, token
 from tests.support.simwire import eventually
 from tests.support.webhook import receiver
 
@@ -125,14 +125,9 @@ async def test_sigkill_one_of_two_workers_loses_no_acked_message(tmp_path: Path)
 
             iccids = [f"89882806660000004{n:02d}" for n in range(DEVICES)]
             for n, iccid in enumerate(iccids):  # SIMs created through either worker
-                async with http.post(f"{base}/v1/sims", headers=bearer, json={
-                    "iccid": iccid, "imsi": f"9014051000004{n:02d}",
-                    "ip": f"127.0.0.{40 + n}"}) as r:
-                    assert r.status == 201
-            async with http.post(f"{base}/v1/integrate/clouds/webhooks", headers=bearer, json={
-                "name": "workers", "url": hook.url, "headers": {},
-                "eventTypes": [{"type": "TELEMETRY_DATA"}]}) as r:
-                assert r.status == 201
+                await created(http, f"{base}/v1/sims", bearer, {
+                    "iccid": iccid, "imsi": f"9014051000004{n:02d}", "ip": f"127.0.0.{40 + n}"})
+            await telemetry_webhook(http, base, bearer, "workers", hook.url)
 
             acked: dict[int, list[bytes]] = {n: [] for n in range(DEVICES)}
             retransmitted = 0
@@ -234,9 +229,8 @@ async def test_lwm2m_downlinks_reach_the_worker_holding_the_registration(
             base = f"http://127.0.0.1:{ports['http']}"
             bearer = {"Authorization": f"Bearer {await token(http, ports['http'], ADMIN, SECRET)}",
                       "Connection": "close"}
-            async with http.post(f"{base}/v1/sims", headers=bearer, json={
-                    "iccid": iccid, "imsi": "901405100000499", "ip": ip}) as r:
-                assert r.status == 201
+            await created(http, f"{base}/v1/sims", bearer,
+                          {"iccid": iccid, "imsi": "901405100000499", "ip": ip})
             async with Lwm2mClient(iccid, ("127.0.0.1", ports["coap"]), bind=(ip, 0)) as dev:
                 assert await dev.register() == "2.01"
                 for _ in range(12):
@@ -281,13 +275,9 @@ async def test_leader_fail_over_between_two_servers_sharing_a_store(tmp_path: Pa
             assert (await leads(first_ports["http"]), await leads(ports["http"])) == (True, False)
             base = f"http://127.0.0.1:{ports['http']}"  # managed through the follower
             bearer = {"Authorization": f"Bearer {await token(http, ports['http'], ADMIN, SECRET)}"}
-            async with http.post(f"{base}/v1/sims", headers=bearer, json={
-                    "iccid": iccid, "imsi": "901405100000498", "ip": ip}) as r:
-                assert r.status == 201
-            async with http.post(f"{base}/v1/integrate/clouds/webhooks", headers=bearer, json={
-                    "name": "fail-over", "url": hook.url, "headers": {},
-                    "eventTypes": [{"type": "TELEMETRY_DATA"}]}) as r:
-                assert r.status == 201
+            await created(http, f"{base}/v1/sims", bearer,
+                          {"iccid": iccid, "imsi": "901405100000498", "ip": ip})
+            await telemetry_webhook(http, base, bearer, "fail-over", hook.url)
 
             def delivered() -> set[bytes]:
                 """Payloads delivered. At least once: the killed leader may have delivered

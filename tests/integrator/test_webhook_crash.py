@@ -12,7 +12,7 @@ import aiohttp
 from integrator import coap
 from tests.support.net import UdpClient
 from tests.support.pki import make_pki
-from tests.support.serve import clean_env, kill, start, stop, token
+from tests.support.serve import clean_env, created, kill, start, stop, telemetry_webhook, token
 from tests.support.simwire import eventually
 from tests.support.webhook import receiver
 
@@ -33,14 +33,10 @@ async def test_kill_9_mid_delivery_loses_nothing(tmp_path: Path) -> None:
             base = f"http://127.0.0.1:{ports['http']}"
             bearer = {"Authorization": f"Bearer {await token(http, ports['http'], ADMIN, SECRET)}"}
             for n in range(DEVICES):
-                async with http.post(f"{base}/v1/sims", headers=bearer, json={
+                await created(http, f"{base}/v1/sims", bearer, {
                     "iccid": f"89882806660000002{n:02d}", "imsi": f"9014051000002{n:02d}",
-                    "ip": f"127.0.0.{20 + n}"}) as r:
-                    assert r.status == 201
-            async with http.post(f"{base}/v1/integrate/clouds/webhooks", headers=bearer, json={
-                "name": "crash", "url": hook.url, "headers": {},
-                "eventTypes": [{"type": "TELEMETRY_DATA"}]}) as r:
-                assert r.status == 201
+                    "ip": f"127.0.0.{20 + n}"})
+            await telemetry_webhook(http, base, bearer, "crash", hook.url)
 
             acked: dict[int, list[bytes]] = {n: [] for n in range(DEVICES)}
 

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -61,3 +62,20 @@ async def token(http: aiohttp.ClientSession, port: int, cid: str, secret: str) -
                          headers={"Authorization": f"Basic {basic}"}) as r:
         assert r.status == 200
         return str((await r.json())["access_token"])
+
+
+async def created(http: aiohttp.ClientSession, url: str, bearer: dict[str, str],
+                  body: Any) -> Any:
+    """POST `body` (JSON) to a running server's API; it must answer 201 Created. Returns
+    the created resource."""
+    async with http.post(url, headers=bearer, json=body) as r:
+        assert r.status == 201, await r.text()
+        return await r.json()
+
+
+async def telemetry_webhook(http: aiohttp.ClientSession, base: str, bearer: dict[str, str],
+                            name: str, url: str) -> Any:
+    """Create a webhook integration sending TELEMETRY_DATA events to `url` (a test
+    receiver) through the API at `base`."""
+    return await created(http, f"{base}/v1/integrate/clouds/webhooks", bearer, {
+        "name": name, "url": url, "headers": {}, "eventTypes": [{"type": "TELEMETRY_DATA"}]})
