@@ -13,6 +13,10 @@ One run measures, on 127.0.0.1 only, with the shared stdlib load generator
 3. an aiocoap baseline (bench/aiocoap_server.py, one trivial POST resource): CON POST req/s;
 4. Simwire CoAP CON POST on `/` with the durable SQLite store, same generator parameters:
    req/s (2.04 only), p50/p99 latency, ratio vs (3), goal >= 5x.
+5. libcoap's `coap-server-notls` as the no-op baseline: ratio (4)/(5), goal >= 1.0x;
+6. the durable no-op (bench/durable_server.py): each request flushed to a preallocated file
+   (group commit) before its ACK, nothing else; ratio (4)/(6) shows how much of the
+   ceiling that "stored before ACKed" leaves Simwire uses.
 
 Progress goes to stderr; stdout gets the result table, then one JSON line. Every server
 subprocess is stopped (SIGTERM, then SIGKILL after a timeout) whatever happens.
@@ -606,6 +610,23 @@ def phase_aiocoap(cfg: Config) -> dict[str, Any]:
     return r
 
 
+def phase_durable(cfg: Config) -> dict[str, Any]:
+    """(6) The durable no-op (bench/durable_server.py): the same CON POSTs, each flushed
+    to a file (group commit) before its 2.04 ACK and nothing else: what bounds (4)."""
+    note(f"(6) durable no-op ceiling: concurrency {cfg.concurrency}, {cfg.duration:g} s")
+    port = free_port(socket.SOCK_DGRAM)
+    argv = [sys.executable, str(BENCH_DIR / "durable_server.py"), "--host", HOST, "--port",
+            str(port), "--log", str(cfg.work_dir / "durable.ring")]
+    with running(lambda: Server("durable", argv, "durable ready",
+                                cfg.work_dir / "durable.log")) as server:
+        server.wait_ready()
+        check_coap(coap_run(cfg, port, "", 1.0, concurrency=1), "the durable no-op")
+        r = coap_run(cfg, port, "", cfg.duration)
+    note(f"durable no-op: {r['ok_per_s']:,.0f} req/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
+         f"codes {r['codes']} timeouts {r['timeouts']}")
+    return r
+
+
 def phase_simwire_coap(cfg: Config) -> dict[str, Any]:
     note(f"(4) Simwire CoAP CON POST /: concurrency {cfg.concurrency}, {cfg.duration:g} s")
     with running(lambda: simwire_server(cfg, "coap")) as server:
@@ -820,13 +841,14 @@ def _goal(ok: bool) -> str:
 
 
 def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
-           swc: dict[str, Any], lib: dict[str, Any] | None, wall_s: float,
+           swc: dict[str, Any], lib: dict[str, Any] | None, dur: dict[str, Any], wall_s: float,
            other_cpu: dict[str, float | None]) -> dict[str, Any]:
     raw_rate = raw.best.delivered_per_s if raw.best else None
     sw_rate = sw.best.delivered_per_s if sw.best else None
     udp_ratio = sw_rate / raw_rate if sw_rate is not None and raw_rate else None
     coap_ratio = swc["ok_per_s"] / aio["ok_per_s"] if aio["ok_per_s"] else None
     lib_ratio = swc["ok_per_s"] / lib["ok_per_s"] if lib and lib["ok_per_s"] else None
+    dur_ratio = swc["ok_per_s"] / dur["ok_per_s"] if dur["ok_per_s"] else None
 
     def search_note(s: Search) -> str:
         if s.best is None:
@@ -858,6 +880,11 @@ def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
          f"p50 {lib['p50_ms']} ms, p99 {lib['p99_ms']} ms, timeouts {lib['timeouts']}"),
         ("", "  ratio (4)/(5)", "n/a" if lib_ratio is None else f"{lib_ratio:.2f}x",
          f"goal >= 1.0x: {_goal(lib_ratio is not None and lib_ratio >= 1.0)}"),
+        ("6", f"durable no-op CON POST / (c={cfg.concurrency}, fdatasync before ACK)",
+         f"{_rate(dur['ok_per_s'])} req/s",
+         f"p50 {dur['p50_ms']} ms, p99 {dur['p99_ms']} ms, timeouts {dur['timeouts']}"),
+        ("", "  ratio (4)/(6)", "n/a" if dur_ratio is None else f"{dur_ratio:.2f}x",
+         "the share of the durable ceiling Simwire reaches"),
     ]
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     print(f"Simwire ingest benchmark: payload {cfg.payload_size} B, UDP probes {cfg.probe_s:g} s "
@@ -881,6 +908,8 @@ def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
         "libcoap_req_per_s": None if lib is None else lib["ok_per_s"],
         "libcoap_ratio": None if lib_ratio is None else round(lib_ratio, 3),
         "libcoap_goal_met": lib_ratio is not None and lib_ratio >= 1.0,
+        "durable_req_per_s": dur["ok_per_s"],
+        "durable_ratio": None if dur_ratio is None else round(dur_ratio, 3),
         "simwire_coap_p50_ms": swc["p50_ms"], "simwire_coap_p99_ms": swc["p99_ms"],
         "aiocoap_p50_ms": aio["p50_ms"], "aiocoap_p99_ms": aio["p99_ms"],
         "params": {"duration_s": cfg.duration, "probe_s": cfg.probe_s,
@@ -892,7 +921,8 @@ def report(cfg: Config, raw: Search, sw: Search, aio: dict[str, Any],
         "other_cpu_cores": other_cpu,
         "raw_udp_probes": [p.row() for p in raw.probes],
         "simwire_udp_probes": [p.row() for p in sw.probes],
-        "aiocoap_run": aio, "simwire_coap_run": swc, "libcoap_run": lib, "wall_s": round(wall_s, 1),
+        "aiocoap_run": aio, "simwire_coap_run": swc, "libcoap_run": lib,
+        "durable_run": dur, "wall_s": round(wall_s, 1),
     }
     print(json.dumps(result, separators=(",", ":")))
     return result
@@ -953,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
         aio = phases.run("(3)", lambda: phase_aiocoap(cfg))
         swc = phases.run("(4)", lambda: phase_simwire_coap(cfg))
         lib = phases.run("(5)", lambda: phase_libcoap(cfg))
-        report(cfg, raw, sw, aio, swc, lib, time.monotonic() - t0, phases.other)
+        dur = phases.run("(6)", lambda: phase_durable(cfg))
+        report(cfg, raw, sw, aio, swc, lib, dur, time.monotonic() - t0, phases.other)
     except (RuntimeError, OSError) as exc:
         note(f"benchmark failed: {exc}")
         return 1

@@ -106,7 +106,7 @@ def concurrency(res: dict[str, Any]) -> Any:
 
 
 # ingest (bench/ingest.py report()): raw_udp_per_s, simwire_udp_per_s, aiocoap_req_per_s,
-# simwire_coap_req_per_s, coap_ratio, libcoap_req_per_s, libcoap_ratio
+# simwire_coap_req_per_s, coap_ratio, libcoap_req_per_s, libcoap_ratio, durable_req_per_s
 def _udp(res: dict[str, Any]) -> Cell:
     r = ratio_of(res["simwire_udp_per_s"], res["raw_udp_per_s"])
     return Cell(num(res["simwire_udp_per_s"], "msg/s"), num(res["raw_udp_per_s"], "msg/s"),
@@ -125,6 +125,12 @@ def _coap_aiocoap(res: dict[str, Any]) -> Cell:
     r = ratio_of(res["simwire_coap_req_per_s"], res["aiocoap_req_per_s"])
     return Cell(num(res["simwire_coap_req_per_s"], "req/s"),
                 num(res["aiocoap_req_per_s"], "req/s"), r, ">= 5x", at_least(r, 5.0))
+
+
+def _coap_durable(res: dict[str, Any]) -> Cell:
+    dur = res.get("durable_req_per_s")
+    return Cell(num(res["simwire_coap_req_per_s"], "req/s"), num(dur, "req/s"),
+                ratio_of(res["simwire_coap_req_per_s"], dur))
 
 
 # dtls (bench/dtls.py): {handshakes_per_s, handshakes_per_server_cpu_s,
@@ -227,6 +233,8 @@ BENCHES = [
         Spec(fixed("UDP lossless ingest vs raw asyncio receiver"), _udp),
         Spec(lambda r, q: f"CoAP ingest c={concurrency(r)} vs libcoap no-op", _coap_libcoap),
         Spec(lambda r, q: f"CoAP ingest c={concurrency(r)} vs aiocoap", _coap_aiocoap),
+        Spec(lambda r, q: f"CoAP ingest c={concurrency(r)} vs durable no-op (flush, ACK)",
+             _coap_durable),
     ], 600, 300, script=BENCH / "ingest.py"),
     Bench("dtls", [str(BENCH / "dtls.py")], [
         Spec(fixed("DTLS PSK handshakes/s vs libcoap coap-server-openssl"),
