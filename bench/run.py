@@ -1,18 +1,18 @@
 """bench/run: every benchmark, for --workers 1 and 2, and one table of the ratios measured
 in the same run (issue #7).
 
-    bench/run [--workers 1,2] [--quick] [--only ingest,dtls,decode,webhook,history,lwm2m]
-              [--out FILE] [--timeout-scale F] [--verbose]
+    bench/run [--workers 1,2] [--quick] [--out FILE] [--timeout-scale F] [--verbose]
+              [--only ingest,dtls,decode,store_write,webhook,history,lwm2m]
 
-Each benchmark runs as a subprocess (its own process group, a timeout; on timeout or
-Ctrl-C it gets SIGINT so it stops its servers, then SIGKILL for what is left of its group)
-once per worker count, with `--workers N` for N > 1 (decode: once, no workers) and
-`--quick` when given. The last JSON
-object on its stdout is its result; a benchmark that fails, times out or prints no JSON
-line shows `failed: <reason>` in its rows and the others still run. Printed at the end:
-the machine, the git commit, one table (measurement | workers | Simwire | baseline | ratio
-| goal | met), the CPU other processes used during each run, the total wall time, and where
-every raw result (one JSON file) and each benchmark's stdout/stderr log were written.
+Each benchmark runs as a subprocess (its own process group, a timeout; on timeout or Ctrl-C
+it gets SIGINT so it stops its servers, then SIGKILL for what is left of its group) once per
+worker count, with `--workers N` for N > 1 (decode and store_write: once, no workers) and
+`--quick` when given. The last JSON object on its stdout is its result; a benchmark that
+fails, times out or prints no JSON line shows `failed: <reason>` in its rows and the others
+still run. Printed at the end: the machine, the git commit, one table (measurement | workers
+| Simwire | baseline | ratio | goal | met), the CPU other processes used during each run,
+the total wall time, and where every raw result (one JSON file) and each benchmark's
+stdout/stderr log were written.
 """
 
 from __future__ import annotations
@@ -211,6 +211,19 @@ def _lwm2m_rate(res: dict[str, Any]) -> Cell:
                 ratio_of(res["simwire_reg_per_s"], res["baseline_reg_per_s"]))
 
 
+# store_write (bench/store_write.py): rows [{devices, cpu_us, ...}], the first the baseline
+def _store_write_label(res: dict[str, Any], quick: bool) -> str:
+    rows = res["rows"]
+    return (f"store CPU per uplink, {rows[-1]['devices']:,} devices vs {rows[0]['devices']}"
+            + (" (--quick)" if quick else ""))
+
+
+def _store_write(res: dict[str, Any]) -> Cell:
+    rows = res["rows"]
+    return Cell(num(rows[-1]["cpu_us"], "us", 1), num(rows[0]["cpu_us"], "us", 1),
+                ratio_of(rows[-1]["cpu_us"], rows[0]["cpu_us"]))
+
+
 def fixed(text: str) -> Callable[[dict[str, Any], bool], str]:
     return lambda res, quick: text
 
@@ -246,6 +259,9 @@ BENCHES = [
     ], 300, 150, script=BENCH / "dtls.py"),
     Bench("decode", ["-m", "bench.decode"], [Spec(_decode_label, _decode)], 180, 90,
           per_workers=False, script=BENCH / "decode.py"),
+    Bench("store_write", [str(BENCH / "store_write.py")],
+          [Spec(_store_write_label, _store_write)], 300, 120, per_workers=False,
+          script=BENCH / "store_write.py"),
     Bench("webhook", [str(BENCH / "webhook.py")], [
         Spec(fixed("webhook events/s sustained"), _webhook_sustained),
         Spec(fixed("webhook backlog drain vs aiohttp client"), _webhook_drain),
