@@ -597,32 +597,31 @@ def phase_libcoap(cfg: Config) -> dict[str, Any] | None:
 
 def phase_aiocoap(cfg: Config) -> dict[str, Any]:
     note(f"(3) aiocoap baseline: concurrency {cfg.concurrency}, {cfg.duration:g} s")
-    port = free_port(socket.SOCK_DGRAM)
-    argv = [sys.executable, str(BENCH_DIR / "aiocoap_server.py"), "--host", HOST, "--port",
-            str(port), "--path", "telemetry"]
-    with running(lambda: Server("aiocoap", argv, "aiocoap ready",
-                                cfg.work_dir / "aiocoap.log")) as server:
-        server.wait_ready()
-        check_coap(coap_run(cfg, port, "telemetry", 1.0, concurrency=1), "aiocoap")
-        r = coap_run(cfg, port, "telemetry", cfg.duration)
-    note(f"aiocoap: {r['ok_per_s']:,.0f} req/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
-         f"codes {r['codes']} timeouts {r['timeouts']}")
-    return r
+    return python_baseline(cfg, "aiocoap", "aiocoap_server.py", "telemetry",
+                           ["--path", "telemetry"])
 
 
 def phase_durable(cfg: Config) -> dict[str, Any]:
     """(6) The durable no-op (bench/durable_server.py): the same CON POSTs, each flushed
     to a file (group commit) before its 2.04 ACK and nothing else: what bounds (4)."""
     note(f"(6) durable no-op ceiling: concurrency {cfg.concurrency}, {cfg.duration:g} s")
+    return python_baseline(cfg, "durable", "durable_server.py", "",
+                           ["--log", str(cfg.work_dir / "durable.ring")])
+
+
+def python_baseline(cfg: Config, name: str, script: str, path: str,
+                    args: list[str]) -> dict[str, Any]:
+    """Run bench/`script` (prints "`name` ready" once bound), warm it up on `path` (2.04s
+    expected), then measure it with the run's generator parameters."""
     port = free_port(socket.SOCK_DGRAM)
-    argv = [sys.executable, str(BENCH_DIR / "durable_server.py"), "--host", HOST, "--port",
-            str(port), "--log", str(cfg.work_dir / "durable.ring")]
-    with running(lambda: Server("durable", argv, "durable ready",
-                                cfg.work_dir / "durable.log")) as server:
+    argv = [sys.executable, str(BENCH_DIR / script), "--host", HOST, "--port", str(port),
+            *args]
+    with running(lambda: Server(name, argv, f"{name} ready",
+                                cfg.work_dir / f"{name}.log")) as server:
         server.wait_ready()
-        check_coap(coap_run(cfg, port, "", 1.0, concurrency=1), "the durable no-op")
-        r = coap_run(cfg, port, "", cfg.duration)
-    note(f"durable no-op: {r['ok_per_s']:,.0f} req/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
+        check_coap(coap_run(cfg, port, path, 1.0, concurrency=1), name)
+        r = coap_run(cfg, port, path, cfg.duration)
+    note(f"{name}: {r['ok_per_s']:,.0f} req/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms "
          f"codes {r['codes']} timeouts {r['timeouts']}")
     return r
 
