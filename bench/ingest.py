@@ -545,7 +545,14 @@ def phase_simwire_udp(cfg: Config) -> Search:
         ports = simwire_ports(server)
         register_sim(ports["http"], cfg.sources)
         warm_up_udp(ports)
-        return find_lossless(simwire_udp_probe(cfg, ports), cfg.threshold_pct, cfg.max_probes)
+        probe = simwire_udp_probe(cfg, ports)
+        search = find_lossless(probe, cfg.threshold_pct, cfg.max_probes)
+        if cfg.profile is not None and search.best is not None:
+            rate = search.best.rate or search.best.send_per_s
+            note(f"(2) profiled probe at the best lossless rate, {rate:,.0f}/s")
+            with profiling(cfg, server.proc.pid, "simwire-udp", cfg.probe_s) as prof:
+                prof.count = probe(rate).delivered
+        return search
 
 
 def warm_up_udp(ports: dict[str, int]) -> None:
@@ -716,8 +723,10 @@ def _thread_cpu(pid: int) -> dict[int, float]:
 
 
 @contextlib.contextmanager
-def profiling(cfg: Config, pid: int, tag: str) -> Iterator[_Profile]:
-    """With --profile: `py-spy record` on `pid` while the body runs (collapsed stacks with
+def profiling(cfg: Config, pid: int, tag: str, seconds: float | None = None
+              ) -> Iterator[_Profile]:
+    """With --profile: `py-spy record` on `pid` for `seconds` (default: the CoAP run's
+    duration) while the body runs (collapsed stacks with
     thread names: load into speedscope or flamegraph.pl), then a text summary next to it
     (threads, CPU per request, categories, top functions by own and inclusive samples)."""
     prof = _Profile()
@@ -727,7 +736,8 @@ def profiling(cfg: Config, pid: int, tag: str) -> Iterator[_Profile]:
     cfg.profile.mkdir(parents=True, exist_ok=True)
     raw_path = cfg.profile / f"{tag}.collapsed.txt"
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    argv = [spy, "record", "--pid", str(pid), "--duration", str(max(1, round(cfg.duration))),
+    seconds = cfg.duration if seconds is None else seconds
+    argv = [spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
             "--rate", str(cfg.profile_rate), "--format", "raw", "--threads",
             "--output", str(raw_path)]
     if cfg.profile_native:
@@ -741,7 +751,7 @@ def profiling(cfg: Config, pid: int, tag: str) -> Iterator[_Profile]:
     finally:
         cpu1, wall = _thread_cpu(pid), time.monotonic() - t0
         try:
-            _, err = rec.communicate(timeout=cfg.duration + 30)
+            _, err = rec.communicate(timeout=seconds + 30)
         except subprocess.TimeoutExpired:
             rec.kill()
             _, err = rec.communicate()
@@ -947,8 +957,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"coap_load.py (default {DEFAULT_LOAD_GEN})")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir and logs")
     ap.add_argument("--profile", type=Path, metavar="DIR",
-                    help="py-spy the Simwire server during the CoAP run (4): collapsed stacks "
-                         "(speedscope / flamegraph.pl input) and a text summary in DIR")
+                    help="py-spy the Simwire server during the CoAP run (4) and one more UDP "
+                         "probe at (2)'s best lossless rate: collapsed stacks (speedscope / "
+                         "flamegraph.pl input) and a text summary each in DIR")
     ap.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s (200)")
     ap.add_argument("--profile-native", action="store_true",
                     help="py-spy --native (C frames of uvloop, sqlite3, the kernel calls)")
