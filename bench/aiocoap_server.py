@@ -16,7 +16,7 @@ import aiocoap
 import aiocoap.resource as resource
 
 
-class Telemetry(resource.Resource):
+class Telemetry(resource.Resource):  # type: ignore[misc]  # aiocoap is untyped
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         return aiocoap.Message(code=aiocoap.CHANGED)
 
