@@ -21,6 +21,7 @@ from simwire.logs import RateLimitedLogger
 from simwire.metrics import Metrics
 from simwire.model import TRANSLATED_PROTOCOLS, Payload, Protocol, RawUplink
 from simwire.ports import TemplateRepository, TranslationError
+from simwire.tasks import every
 
 log = logging.getLogger("simwire.energy_saver")
 
@@ -101,9 +102,5 @@ class TemplateTranslator:
 
     async def run_forever(self) -> None:
         """Background task (simwire.app): pick up other processes' changes."""
-        while True:
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("template refresh failed; retrying")
-            await asyncio.sleep(self._refresh_s)
+        await every(self._refresh_s, self.refresh,
+                    lambda exc: log.exception("template refresh failed; retrying"))

@@ -6,13 +6,13 @@ simwire.app starts it; tests call `run_once()` after moving a ManualClock.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from simwire.clock import Clock
 from simwire.metrics import Metrics
 from simwire.model import DAY_MS
 from simwire.ports import HistoryRepository, SavingsRepository
+from simwire.tasks import every
 
 log = logging.getLogger("simwire.inspector.retention")
 
@@ -41,9 +41,5 @@ class Retention:
         return removed
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("retention purge failed; retrying next interval")
-            await asyncio.sleep(self._interval)
+        await every(self._interval, self.run_once,
+                    lambda exc: log.exception("retention purge failed; retrying next interval"))

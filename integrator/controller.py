@@ -35,6 +35,7 @@ from simwire.model import (
 )
 from simwire.model import Protocol as DeviceProtocol
 from simwire.ports import DownlinkQuery, DownlinkRepository, Page, SimRepository
+from simwire.tasks import every
 
 log = logging.getLogger("simwire.integrator.controller")
 
@@ -246,12 +247,8 @@ class Controller:
 
     async def run_forever(self, interval_s: float = 10.0) -> None:
         """Background task (simwire.app): `housekeeping` every `interval_s`."""
-        while True:
-            try:
-                await self.housekeeping()
-            except Exception:
-                log.exception("downlink housekeeping failed; retrying")
-            await asyncio.sleep(interval_s)
+        await every(interval_s, self.housekeeping,
+                    lambda exc: log.exception("downlink housekeeping failed; retrying"))
 
     async def stop(self) -> None:
         for task in list(self._tasks):

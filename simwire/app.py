@@ -64,7 +64,7 @@ from simwire.metrics import Metrics, SharedMetrics
 from simwire.model import LogCategory, LogType, Protocol, Sim
 from simwire.ports import Store, Translator
 from simwire.storage import open_store
-from simwire.tasks import cancel
+from simwire.tasks import cancel, every
 from simwire.workers import WorkerContext, describe_ports, owner_index
 
 log = logging.getLogger("simwire.app")
@@ -367,12 +367,8 @@ class Simwire:
     async def _end_interrupted_jobs(self) -> None:
         """The leader's sweep: at once, then every `JOB_SWEEP_S` (real time, like
         retention's cadence; staleness is read from the clock)."""
-        while True:
-            try:
-                await self.psks.finish_interrupted()
-            except Exception as exc:
-                log.error("ending interrupted PSK jobs failed: %s", exc)
-            await asyncio.sleep(JOB_SWEEP_S)
+        await every(JOB_SWEEP_S, self.psks.finish_interrupted,
+                    lambda exc: log.error("ending interrupted PSK jobs failed: %s", exc))
 
     def _tell_leader(self, kind: str) -> None:
         """The dispatcher of a process that does not deliver: new outbox events or
@@ -425,14 +421,11 @@ class Simwire:
         shared = self.metrics.shared = SharedMetrics(worker.metrics_dir, worker.index)
 
         async def snapshot_metrics() -> None:  # for the scrapes the other workers answer
-            while True:
-                try:
-                    shared.snapshot(self.metrics.registry)
-                except OSError as exc:
-                    log.warning("metrics snapshot failed: %s", exc)
-                await asyncio.sleep(1.0)
+            shared.snapshot(self.metrics.registry)
 
-        task = asyncio.get_running_loop().create_task(snapshot_metrics(), name="metrics")
+        task = asyncio.get_running_loop().create_task(every(
+            1.0, snapshot_metrics, lambda exc: log.warning("metrics snapshot failed: %s", exc)),
+            name="metrics")
         self._stack.push_async_callback(cancel, task)
 
     def _dtls_refused(self, ip: str, reason: str) -> None:
