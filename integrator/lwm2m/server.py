@@ -883,9 +883,10 @@ class Lwm2mServer:
 
     def passive_paths(self, reg: Lwm2mRegistration) -> list[str]:
         """The object instances passive reporting reads, in the order the client lists."""
-        root = "/" + "/".join(_root_and_format(_links(reg.links))[0])
+        links = _links(reg.links)
+        root = "/" + "/".join(_root_and_format(links)[0])
         out: list[str] = []
-        for link in _links(reg.links):
+        for link in links:
             ids = link.ids(root)
             if ids is None or len(ids) != 2 or ids[0] in PASSIVE_EXCLUDED:
                 continue
