@@ -422,7 +422,6 @@ class CoapServerProtocol(asyncio.DatagramProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-
     def _finish(
         self, msg: coap.Message, addr: tuple[str, int], key: DedupKey, code: int,
         diagnostic: str, options: list[tuple[int, bytes]] | None = None,
@@ -486,7 +485,6 @@ async def serve(host: str, port: int, protocol: CoapServerProtocol,
     transport, _ = await loop.create_datagram_endpoint(
         lambda: protocol, sock=bind(host, port, protocol.config.rcvbuf))
     return DatagramServer(transport)
-
 
 
 def _number(option: tuple[int, bytes]) -> int:

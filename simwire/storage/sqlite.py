@@ -1299,7 +1299,6 @@ class SqliteStore:
 
         return await self.db.write(w)
 
-
     # -- LeaseRepository -------------------------------------------------------------------
 
     async def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
